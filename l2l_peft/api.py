@@ -1,0 +1,98 @@
+"""adapt(): task -> backbone -> adapters + head -> train -> predict."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+
+from .adapters import apply_method, trainable_parameters
+from .backbone import FeatureExtractor, load_backbone
+from .config import AdaptConfig, Method, make_config
+from .head import Classifier, Head
+from .predict import predict
+from .targets import Objective, build_objective, output_size
+from .task import TaskData, load_task
+from .train import TrainReport, make_accelerator, train
+from .vpt import VPT_METHODS, add_visual_prompts
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AdaptResult:
+    probabilities: torch.Tensor  # float32 CPU [n_query, n_outputs]
+    config: AdaptConfig
+    timings: dict[str, float] = field(default_factory=dict)
+    train: TrainReport | None = None
+    trainable_parameters: int = 0
+    precision: str = "no"
+
+
+def build_classifier(extractor: FeatureExtractor, objective: Objective, config: AdaptConfig) -> Classifier:
+    """Attach the method's trainable parameters to a frozen backbone and add a fresh head."""
+    if config.method in VPT_METHODS:
+        add_visual_prompts(extractor, deep=config.method is Method.VPT_DEEP, n_tokens=config.vpt_tokens)
+    else:
+        extractor.model = apply_method(extractor.model, config)
+    return Classifier(extractor, Head(extractor.feature_dim, objective.n_logits))
+
+
+@torch.no_grad()
+def init_head(model: Classifier, objective: Objective, images: torch.Tensor, labels: torch.Tensor, *, accelerator, batch_size: int) -> None:
+    positives = objective.positives(labels)
+    if positives is None:
+        return
+    model.eval()
+    features = []
+    for chunk in images.split(batch_size):
+        with accelerator.autocast():
+            features.append(model.extractor(chunk.to(accelerator.device)).float())
+    model.head.init_from_prototypes(torch.cat(features), positives.to(accelerator.device))
+
+
+def run(task: Any, config: AdaptConfig | None = None, **overrides: Any) -> AdaptResult:
+    """adapt() with its timings and training report (used by the CLI and the experiments)."""
+    start = time.monotonic()
+    config = make_config(config, **overrides).with_env()
+    deadline = start + config.time_budget if config.time_budget else None
+    data = task if isinstance(task, TaskData) else load_task(task if not isinstance(task, Path) else str(task))
+    accelerator = make_accelerator(config)
+    result = AdaptResult(torch.empty(0, output_size(data.target, data.classes)), config, precision=accelerator.mixed_precision)
+    if len(data.query_images) == 0:
+        return result
+
+    set_seed(config.seed)
+    extractor = load_backbone(config.model, config.cache_dir)
+    loaded = time.monotonic()
+    objective = build_objective(data.target, data.classes, data.support_labels)
+    model = build_classifier(extractor, objective, config).to(accelerator.device)
+    result.trainable_parameters = trainable_parameters([model])
+    if config.head_init == "prototype":
+        init_head(model, objective, data.support_images, data.support_labels, accelerator=accelerator, batch_size=config.predict_batch_size)
+    result.train = train(
+        model, objective, data.support_images, data.support_labels,
+        config=config, accelerator=accelerator, deadline=deadline, predict_images=len(data.query_images),
+    )  # fmt: skip
+    trained = time.monotonic()
+    result.probabilities = predict(
+        model, objective, data.query_images, accelerator=accelerator, batch_size=config.predict_batch_size
+    )
+    done = time.monotonic()
+    result.timings = {"load": loaded - start, "adapt": trained - loaded, "predict": done - trained, "total": done - start}
+    return result
+
+
+def adapt(task: Any, config: AdaptConfig | None = None, **overrides: Any) -> torch.Tensor:
+    """Adapt a backbone to a few-shot task and return query probabilities.
+
+    `task` is a torchcross Task (old or new layout) or a path to its pickle. Returns float32 CPU
+    [n_query, n_outputs]: softmax rows for multiclass/ordinal, sigmoid columns for binary/
+    multilabel, raw values for regression. Overrides are AdaptConfig fields, e.g. max_steps=50.
+    """
+    return run(task, config, **overrides).probabilities

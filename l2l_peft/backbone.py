@@ -1,0 +1,199 @@
+"""The single door for Hugging Face vision models: offline resolution, loading, input adaptation, features.
+
+Feature rule (one for every family): concat(global token, mean of patch tokens) from the last
+layer. The global token is the model's trained pooled output where it has one (CLIP, SigLIP,
+Swin, DINOv2's normed CLS), else the CLS token (ViT, DeiT); models without prefix tokens use the
+token mean. Feature size is therefore 2 x hidden_size.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+REPO_CACHE = Path(__file__).resolve().parent.parent / "hf_cache"
+MANIFEST = "manifest.json"
+
+# Families whose vision tower lives inside a two-tower checkpoint, or has its own class.
+_VISION_CLASSES = {
+    "clip": "CLIPVisionModel",
+    "clip_vision_model": "CLIPVisionModel",
+    "siglip": "SiglipVisionModel",
+    "siglip_vision_model": "SiglipVisionModel",
+    "siglip2": "Siglip2VisionModel",
+    "siglip2_vision_model": "Siglip2VisionModel",
+}
+# Families whose HF pooler is a fresh, untrained layer: load without it.
+_NO_POOLER = {"vit", "deit"}
+
+
+class BackboneError(RuntimeError):
+    """The backbone cannot be found or loaded; the message says how to fix it."""
+
+
+def default_cache_dir() -> Path | None:
+    """The repository's hf_cache/ when present (source checkouts, the container), else HF's own."""
+    return REPO_CACHE if REPO_CACHE.is_dir() else None
+
+
+def read_manifest(cache_dir: str | Path | None) -> dict[str, Any]:
+    path = Path(cache_dir or default_cache_dir() or ".") / MANIFEST
+    if not path.is_file():
+        return {"default": None, "models": {}}
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise BackboneError(f"cannot read {path}: {err}") from err
+    manifest.setdefault("default", None)
+    manifest.setdefault("models", {})
+    return manifest
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are: a directory, or a hub id inside an HF cache."""
+
+    name: str  # what the user asked for (hub id or directory)
+    location: str  # directory or hub id handed to from_pretrained
+    cache_dir: str | None
+
+
+def resolve_model(model: str | None, cache_dir: str | None) -> ModelSource:
+    """Map a hub id / directory / nothing to files on disk, following the cache's manifest."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    manifest = read_manifest(cache)
+    if model is None:
+        model = manifest["default"]
+        if model is None:
+            where = cache or "the HF cache"
+            raise BackboneError(
+                f"no model given and no default in {where}/{MANIFEST}; pass --model HUB_ID_OR_DIR "
+                "or run `python prefetch.py --model HUB_ID` first"
+            )
+    entry = manifest["models"].get(model, {})
+    if entry.get("path") and cache is not None:  # a model stored as a plain directory in the cache
+        return ModelSource(model, str(cache / entry["path"]), None)
+    if Path(model).is_dir():
+        return ModelSource(model, str(Path(model)), None)
+    return ModelSource(model, model, str(cache) if cache else None)
+
+
+def _model_class(model_type: str) -> Any:
+    import transformers
+
+    name = _VISION_CLASSES.get(model_type)
+    return getattr(transformers, name) if name else transformers.AutoModel
+
+
+def load_hf_model(source: ModelSource) -> tuple[nn.Module, dict[str, Any]]:
+    """Load weights and preprocessing config strictly offline."""
+    from transformers import AutoConfig
+    from transformers.utils import cached_file
+
+    kwargs = dict(cache_dir=source.cache_dir, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(source.location, **kwargs)
+        extra = {"add_pooling_layer": False} if config.model_type in _NO_POOLER else {}
+        model = _model_class(config.model_type).from_pretrained(source.location, **kwargs, **extra)
+    except (OSError, ValueError) as err:
+        hint = (
+            f"`{source.location}` is not a model directory (no config.json / weights)"
+            if Path(source.location).is_dir()
+            else f"model `{source.name}` is not in the cache {source.cache_dir or 'HF default'}; "
+            f"run `python prefetch.py --model {source.name}` on a machine with internet"
+        )
+        raise BackboneError(f"{hint} ({type(err).__name__}: {str(err).splitlines()[0]})") from err
+    preprocessor = cached_file(
+        source.location, "preprocessor_config.json", **kwargs, _raise_exceptions_for_missing_entries=False
+    )
+    prep = json.loads(Path(preprocessor).read_text()) if preprocessor else {}
+    return model, prep
+
+
+def _input_size(prep: dict[str, Any], config: Any) -> int:
+    for key in ("crop_size", "size"):
+        size = prep.get(key)
+        if isinstance(size, int):
+            return size
+        if isinstance(size, dict):
+            value = size.get("height") or size.get("shortest_edge")
+            if value:
+                return int(value)
+    image_size = getattr(config, "image_size", 224)
+    return int(image_size[0] if isinstance(image_size, (list, tuple)) else image_size)
+
+
+class FeatureExtractor(nn.Module):
+    """Challenge images ([-1, 1], 1 or 3 channels, any size) -> one feature vector per image."""
+
+    def __init__(self, model: nn.Module, prep: dict[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.input_size = _input_size(prep, model.config)
+        mean = prep.get("image_mean", [0.5, 0.5, 0.5])
+        std = prep.get("image_std", [0.5, 0.5, 0.5])
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.hidden_size = int(model.config.hidden_size)
+        self.feature_dim = 2 * self.hidden_size
+        self.num_prefix_tokens = self._count_prefix_tokens()
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] challenge pixels -> the normalisation and size the backbone was trained with."""
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        if images.shape[-2:] != (self.input_size, self.input_size):
+            images = F.interpolate(
+                images, size=(self.input_size, self.input_size), mode="bilinear", antialias=True, align_corners=False
+            )
+        return ((images + 1) / 2 - self.mean) / self.std
+
+    def tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.model(pixel_values=pixels)
+        return out.last_hidden_state, getattr(out, "pooler_output", None)
+
+    @torch.no_grad()
+    def _count_prefix_tokens(self) -> int:
+        """CLS/distillation/register tokens = sequence length - patch count (0 for hierarchical models)."""
+        patch = getattr(self.model.config, "patch_size", None)
+        if not isinstance(patch, int):
+            return 0
+        probe = torch.zeros(1, 3, self.input_size, self.input_size, device=self.mean.device)
+        was_training = self.model.training
+        self.model.eval()
+        seq_len = self.tokens(probe)[0].shape[1]
+        self.model.train(was_training)
+        prefix = seq_len - (self.input_size // patch) ** 2
+        return prefix if 0 <= prefix <= 16 else 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        hidden, pooled = self.tokens(self.preprocess(images))
+        patches = hidden[:, self.num_prefix_tokens :].mean(1)
+        if pooled is None or pooled.dim() != 2:
+            pooled = hidden[:, 0] if self.num_prefix_tokens else patches
+        return torch.cat([pooled, patches], dim=-1)
+
+
+@lru_cache(maxsize=2)
+def _load_pristine(source: ModelSource) -> FeatureExtractor:
+    model, prep = load_hf_model(source)
+    extractor = FeatureExtractor(model, prep)
+    extractor.requires_grad_(False)
+    return extractor
+
+
+def load_backbone(model: str | None = None, cache_dir: str | None = None) -> FeatureExtractor:
+    """A fresh, frozen copy of the backbone; the loaded original is cached so task loops load once."""
+    source = resolve_model(model, cache_dir)
+    return copy.deepcopy(_load_pristine(source))

@@ -1,0 +1,150 @@
+"""AdaptConfig: every knob of adapt(), with documented defaults.
+
+Field names double as CLI flags (`max_steps` -> `--max-steps`) and as keyword overrides of
+`adapt(task, **overrides)`, so one definition serves the API, the CLI and the experiment YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class Precision(str, Enum):
+    AUTO = "auto"  # bf16 on GPUs that support it, fp16 (with loss scaling) on older GPUs, fp32 on CPU
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "no"
+
+
+class Method(str, Enum):
+    """How the backbone is adapted; the head is always trained."""
+
+    LORA = "lora"
+    DORA = "dora"
+    LOHA = "loha"
+    LOKR = "lokr"
+    IA3 = "ia3"
+    VERA = "vera"
+    BITFIT = "bitfit"  # biases + norm parameters
+    VPT_SHALLOW = "vpt-shallow"
+    VPT_DEEP = "vpt-deep"
+    HEAD = "head"  # frozen backbone, head only
+    FULL = "full"  # every backbone weight trained
+
+
+ENV_MODEL = "L2L_PEFT_MODEL"
+ENV_CACHE = "L2L_PEFT_CACHE"
+ENV_TIME_BUDGET = "L2L_PEFT_TIME_BUDGET"
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class AdaptConfig:
+    """Settings of one adaptation run; defaults are the recommended few-shot recipe."""
+
+    model: str | None = _help(
+        "hub id or local directory of the backbone; default: $L2L_PEFT_MODEL, else the default "
+        "entry of the cache's manifest.json",
+        default=None,
+    )
+    cache_dir: str | None = _help(
+        "HF cache to load from (never the network); default: $L2L_PEFT_CACHE, else the repository's "
+        "hf_cache/ when it exists, else the standard HF cache",
+        default=None,
+    )
+    max_steps: int = _help("upper bound on optimisation steps", default=100)
+    time_budget: float | None = _help(
+        "wall-clock seconds for the whole adapt() call; training stops early to leave time for "
+        "prediction; default: $L2L_PEFT_TIME_BUDGET, else unlimited",
+        default=None,
+    )
+    seed: int = _help("seed for head/adapter init, batch order and augmentation", default=0)
+    cpu: bool = _help("run on the CPU even when a GPU is present", default=False)
+    precision: Precision = _help("mixed precision: auto, bf16, fp16 or no", default=Precision.AUTO)
+    method: Method = _help("adaptation method (lora, dora, loha, lokr, ia3, vera, bitfit, vpt-shallow, vpt-deep, head, full)", default=Method.LORA)
+    lora_rank: int = _help("rank of LoRA-family adapters", default=16)
+    lora_alpha: float = _help("LoRA scaling numerator (scale = alpha / rank)", default=32.0)
+    lora_dropout: float = _help("dropout on the LoRA input; regularises tiny supports", default=0.1)
+    lora_targets: str = _help(
+        "which projections get adapters: qv, qkv, attn (q, k, v, out) or all (attn + MLP)", default="qv"
+    )
+    lora_last_blocks: int | None = _help(
+        "adapt only the last k transformer blocks (None: all); the frozen blocks before them "
+        "then run once, not every step",
+        default=None,
+    )
+    vpt_tokens: int = _help("prompt tokens per layer for visual prompt tuning", default=8)
+    lr_head: float = _help("AdamW learning rate of the head", default=5e-3)
+    lr_adapter: float = _help("AdamW learning rate of the adapter parameters", default=1e-3)
+    weight_decay: float = _help("AdamW weight decay (adapters and head)", default=1e-4)
+    warmup_frac: float = _help("fraction of steps with linear warm-up before the cosine decay", default=0.1)
+    batch_size: int = _help("support images per step (the whole support when smaller)", default=32)
+    epochs: float = _help(
+        "passes over the support; steps = clamp(epochs * n_support / batch_size, min_steps, max_steps)",
+        default=50.0,
+    )
+    min_steps: int = _help("lower bound on optimisation steps", default=20)
+    augment: bool = _help("random flips, small affine jitter and contrast/brightness jitter", default=True)
+    head_init: str = _help(
+        "head initialisation: 'prototype' (class means of the support features) or 'zero'",
+        default="prototype",
+    )
+    predict_batch_size: int = _help("query images per inference batch", default=256)
+
+    def __post_init__(self) -> None:
+        self.precision = _enum(Precision, self.precision, "precision")
+        self.method = _enum(Method, self.method, "method")
+        positive = ("max_steps", "lora_rank", "batch_size", "predict_batch_size", "vpt_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"AdaptConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.min_steps < 0 or self.min_steps > self.max_steps:
+            self.min_steps = min(max(self.min_steps, 0), self.max_steps)
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ValueError(f"AdaptConfig.time_budget must be > 0 seconds, got {self.time_budget!r}")
+        if self.lora_targets not in ("qv", "qkv", "attn", "all"):
+            raise ValueError(f"AdaptConfig.lora_targets must be qv, qkv, attn or all, got {self.lora_targets!r}")
+        if self.lora_last_blocks is not None and self.lora_last_blocks < 1:
+            raise ValueError(f"AdaptConfig.lora_last_blocks must be >= 1 or None, got {self.lora_last_blocks!r}")
+        if self.head_init not in ("prototype", "zero"):
+            raise ValueError(f"AdaptConfig.head_init must be 'prototype' or 'zero', got {self.head_init!r}")
+        if not 0 <= self.warmup_frac < 1:
+            raise ValueError(f"AdaptConfig.warmup_frac must be in [0, 1), got {self.warmup_frac!r}")
+
+    def with_env(self) -> AdaptConfig:
+        """Fill unset fields from the container's environment variables."""
+        budget = os.environ.get(ENV_TIME_BUDGET)
+        return dataclasses.replace(
+            self,
+            model=self.model or os.environ.get(ENV_MODEL) or None,
+            cache_dir=self.cache_dir or os.environ.get(ENV_CACHE) or None,
+            time_budget=self.time_budget if self.time_budget is not None else (float(budget) if budget else None),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (v.value if isinstance(v, Enum) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _enum(kind: type[Enum], value: Any, name: str) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in kind)
+        raise ValueError(f"AdaptConfig.{name} must be one of {choices}; got {value!r}") from None
+
+
+def make_config(config: AdaptConfig | None = None, **overrides: Any) -> AdaptConfig:
+    """Merge keyword overrides into a config, rejecting unknown names."""
+    config = config or AdaptConfig()
+    known = {f.name for f in dataclasses.fields(AdaptConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown AdaptConfig field(s): {', '.join(unknown)}")
+    return dataclasses.replace(config, **overrides)

@@ -1,0 +1,144 @@
+"""The accelerate training loop for one task, readable top to bottom.
+
+Each process adapts whole tasks, so the model is never wrapped in DDP: accelerate supplies the
+device, autocast, loss scaling (fp16) and the optimizer wrapper, not distribution.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+from .augment import augment
+from .config import AdaptConfig, Precision
+from .head import Classifier
+from .targets import Objective
+
+logger = logging.getLogger(__name__)
+
+GRAD_CLIP = 1.0
+
+
+class TrainingError(RuntimeError):
+    """Training diverged (non-finite loss); callers may fall back to a simpler predictor."""
+
+
+@dataclass
+class TrainReport:
+    steps: int
+    planned_steps: int
+    batch_size: int
+    final_loss: float
+    seconds: float
+    stopped_early: bool
+
+    @property
+    def images_per_second(self) -> float:
+        return self.steps * self.batch_size / max(self.seconds, 1e-9)
+
+
+def make_accelerator(config: AdaptConfig) -> Accelerator:
+    """One Accelerator per process: reuse the precision of an existing one (accelerate state is global)."""
+    if AcceleratorState._shared_state:
+        return Accelerator()
+    if config.precision is not Precision.AUTO:
+        precision = config.precision.value
+    elif config.cpu or not torch.cuda.is_available():
+        precision = "no"
+    else:
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return Accelerator(mixed_precision=precision, cpu=config.cpu)
+
+
+def plan(n_support: int, config: AdaptConfig) -> tuple[int, int]:
+    """(batch size, steps): full batches only, steps from epochs clamped to [min_steps, max_steps]."""
+    batch = min(config.batch_size, n_support)
+    steps = math.ceil(config.epochs * n_support / batch)
+    return batch, max(config.min_steps, min(config.max_steps, steps))
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(
+    model: Classifier,
+    objective: Objective,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    config: AdaptConfig,
+    accelerator: Accelerator,
+    deadline: float | None = None,
+    predict_images: int = 0,
+) -> TrainReport:
+    """Optimise the trainable parameters on the support set.
+
+    With a deadline (time.monotonic() value), training stops when the measured step time says
+    another step plus predicting `predict_images` query images would overrun it.
+    """
+    start = time.monotonic()
+    device = accelerator.device
+    images, labels = images.to(device), labels.to(device)
+    n = len(images)
+    batch, steps = plan(n, config)
+    batches_per_epoch = n // batch
+
+    head_params = [p for p in model.head.parameters() if p.requires_grad]
+    other_params = [p for p in model.extractor.parameters() if p.requires_grad]
+    groups = [{"params": head_params, "lr": config.lr_head}]
+    if other_params:
+        groups.append({"params": other_params, "lr": config.lr_adapter})
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=device.type == "cuda")
+    warmup = max(1, round(config.warmup_frac * steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps, warmup))
+    optimizer = accelerator.prepare_optimizer(optimizer)  # loss scaling under fp16; no DDP model wrap
+    trainable = head_params + other_params
+    generator = torch.Generator(device).manual_seed(config.seed)
+
+    model.train()
+    running = torch.zeros((), device=device)
+    done, stopped_early = 0, False
+    for step in range(steps):
+        if step % batches_per_epoch == 0:
+            order = torch.randperm(n, device=device, generator=generator)
+        idx = order[(step % batches_per_epoch) * batch : (step % batches_per_epoch + 1) * batch]
+        x, y = images[idx], labels[idx]
+        if config.augment:
+            x = augment(x, generator)
+        with accelerator.autocast():
+            loss = objective.loss(model(x), y)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(trainable, GRAD_CLIP)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        running = loss.detach() if step == 0 else 0.9 * running + 0.1 * loss.detach()
+        done += 1
+        if deadline is not None and _out_of_time(start, done, batch, predict_images, deadline):
+            stopped_early = done < steps
+            break
+
+    final = float(running)  # the loop's only host-device sync
+    if not math.isfinite(final):
+        raise TrainingError(f"training loss became {final} after {done} steps")
+    seconds = time.monotonic() - start
+    logger.debug("trained %d/%d steps of batch %d in %.2fs, loss %.4f", done, steps, batch, seconds, final)
+    return TrainReport(done, steps, batch, final, seconds, stopped_early)
+
+
+def _out_of_time(start: float, done: int, batch: int, predict_images: int, deadline: float) -> bool:
+    now = time.monotonic()
+    per_step = (now - start) / done
+    # inference costs about a third of a training step per image (forward only)
+    predict_cost = per_step * predict_images / (3 * batch)
+    return now + per_step + predict_cost > deadline
