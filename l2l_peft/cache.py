@@ -1,0 +1,154 @@
+"""Filling the offline model cache: fetch (hub) or copy (local dir), verify, record in the manifest.
+
+`prefetch.py` is the command line; this module is its logic. Every model is stored as a plain
+directory `hf_cache/models--ORG--NAME/` (ignored by git) and described by an entry of
+`hf_cache/manifest.json`; `backbone.resolve_model` follows the entry's `path`, so loading needs
+neither the network nor HF's snapshot layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .backbone import MANIFEST, BackboneError, load_backbone, read_manifest
+
+# What loading needs; weights only as safetensors so no .bin/.h5/.msgpack duplicates are fetched.
+CONFIG_FILES = ["config.json", "preprocessor_config.json"]
+SAFETENSORS = ["*.safetensors", "*.safetensors.index.json"]
+BIN_FALLBACK = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]  # repos without safetensors
+
+
+class PrefetchError(RuntimeError):
+    """The model cannot be fetched or verified; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What an offline load of a stored model reports."""
+
+    parameters: int
+    feature_dim: int
+
+
+def store_dir(cache: Path, model_id: str) -> Path:
+    """`org/name` -> cache/models--org--name (the HF naming, already git-ignored)."""
+    return cache / ("models--" + model_id.strip("/").replace("/", "--"))
+
+
+def fetch_hub(model_id: str, cache: Path, revision: str | None = None) -> tuple[Path, str]:
+    """Download only the files loading needs; returns (directory, resolved commit)."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError, HFValidationError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError,
+    )  # fmt: skip
+
+    try:
+        info = HfApi().model_info(model_id, revision=revision)
+        names = [s.rfilename for s in info.siblings or []]
+        weights = SAFETENSORS if any(n.endswith(".safetensors") for n in names) else BIN_FALLBACK
+        target = store_dir(cache, model_id)
+        snapshot_download(model_id, revision=info.sha, allow_patterns=CONFIG_FILES + weights, local_dir=target)
+    except GatedRepoError as err:
+        raise PrefetchError(f"`{model_id}` is gated: accept its licence on the hub and `hf auth login`") from err
+    except RepositoryNotFoundError as err:
+        raise PrefetchError(f"unknown model id `{model_id}` on the Hugging Face Hub (check the spelling)") from err
+    except RevisionNotFoundError as err:
+        raise PrefetchError(f"`{model_id}` has no revision `{revision}`") from err
+    except HFValidationError as err:
+        raise PrefetchError(f"`{model_id}` is neither a local directory nor a valid hub id ({err})") from err
+    except OfflineModeIsEnabled as err:
+        raise PrefetchError(f"cannot fetch `{model_id}`: HF_HUB_OFFLINE is set; unset it on a machine with internet") from err
+    except (OSError, *_network_errors()) as err:
+        raise PrefetchError(f"cannot reach the Hugging Face Hub to fetch `{model_id}` (no network?): {err}") from err
+    return target, str(info.sha)
+
+
+def _network_errors() -> tuple[type[Exception], ...]:
+    """Transport errors of whichever HTTP client this huggingface_hub uses (httpx2, httpx or requests)."""
+    import importlib
+
+    found = []
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError")):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except ImportError:
+            continue
+    return tuple(found)
+
+
+def copy_local(source: Path, model_id: str, cache: Path) -> Path:
+    """Copy a saved model directory (config + weights + preprocessor) into the cache."""
+    if not (source / "config.json").is_file():
+        raise PrefetchError(f"{source} is not a model directory: no config.json (save it with `save_pretrained`)")
+    files = [p for p in source.iterdir() if p.is_file() and _wanted(p.name)]
+    if not any(p.name.endswith((".safetensors", ".bin")) for p in files):
+        raise PrefetchError(f"{source} is not a model directory: no *.safetensors or pytorch_model*.bin weights")
+    if any(p.name.endswith(".safetensors") for p in files):
+        files = [p for p in files if not p.name.endswith(".bin") and not p.name.endswith(".bin.index.json")]
+    target = store_dir(cache, model_id)
+    if target.resolve() != source.resolve():
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        for path in files:
+            shutil.copy2(path, target / path.name)
+    return target
+
+
+def _wanted(name: str) -> bool:
+    from fnmatch import fnmatch
+
+    return any(fnmatch(name, pattern) for pattern in CONFIG_FILES + SAFETENSORS + BIN_FALLBACK)
+
+
+def probe(directory: str | Path) -> Probe:
+    """Load a stored model the way adaptation does and run one image through it."""
+    import torch
+
+    extractor = load_backbone(str(directory))
+    features = extractor(torch.zeros(1, 3, extractor.input_size, extractor.input_size))
+    if features.shape != (1, extractor.feature_dim) or not bool(torch.isfinite(features).all()):
+        raise BackboneError(f"{directory}: features of shape {tuple(features.shape)} are not finite vectors")
+    return Probe(sum(p.numel() for p in extractor.parameters()), extractor.feature_dim)
+
+
+def probe_offline(directory: Path) -> Probe:
+    """probe() in a fresh interpreter with the hub switched off: proves the copy is self-contained."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    code = "import dataclasses, json, sys; from l2l_peft.cache import probe; print(json.dumps(dataclasses.asdict(probe(sys.argv[1]))))"
+    done = subprocess.run([sys.executable, "-c", code, str(directory)], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise PrefetchError(f"offline load of {directory} failed: {last}")
+    return Probe(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def describe(directory: Path, cache: Path) -> dict[str, Any]:
+    """Manifest entry body: path relative to the cache, each file's size and sha256."""
+    files = {}
+    for path in sorted(p for p in directory.iterdir() if p.is_file()):
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        files[path.name] = {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"path": directory.relative_to(cache).as_posix(), "files": files}
+
+
+def record(cache: Path, model_id: str, entry: dict[str, Any], *, make_default: bool) -> dict[str, Any]:
+    """Add or replace one manifest entry (atomic write); returns the new manifest."""
+    manifest = read_manifest(cache)
+    manifest["models"][model_id] = entry
+    if make_default:
+        manifest["default"] = model_id
+    tmp = cache / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.replace(cache / MANIFEST)
+    return manifest
