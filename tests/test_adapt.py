@@ -1,0 +1,133 @@
+"""adapt() end to end on tiny models: every target, layouts, channels, families, invariants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CLASSES, make_task, old_layout, write_task
+from torchcross.data.task import TaskTarget
+from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
+
+from l2l_peft import AdaptConfig, adapt, run
+from l2l_peft.backbone import load_backbone
+
+FAST = dict(cpu=True, max_steps=8, min_steps=1)
+PROBABILITY_TARGETS = [t for t in CLASSES if t is not TaskTarget.REGRESSION]
+
+
+def check_output(out: torch.Tensor, target: TaskTarget, n_query: int) -> None:
+    n_outputs = 1 if target in (TaskTarget.BINARY_CLASSIFICATION, TaskTarget.REGRESSION) else len(CLASSES[target])
+    assert out.dtype == torch.float32 and out.device.type == "cpu"
+    assert out.shape == (n_query, n_outputs)
+    assert torch.isfinite(out).all()
+    if target is not TaskTarget.REGRESSION:
+        assert (out >= 0).all() and (out <= 1).all()
+    if target in (TaskTarget.MULTICLASS_CLASSIFICATION, TaskTarget.ORDINAL_REGRESSION):
+        torch.testing.assert_close(out.sum(1), torch.ones(n_query))
+
+
+@pytest.mark.parametrize("target", list(CLASSES))
+@pytest.mark.parametrize("layout", ["new", "old"])
+def test_every_target_and_layout(vit_dir, tmp_path, target, layout):
+    task, _ = make_task(target)
+    if layout == "old":
+        task = old_layout(task)
+    out = adapt(write_task(task, tmp_path / "task.pkl"), model=str(vit_dir), **FAST)
+    check_output(out, target, 9)
+
+
+@pytest.mark.parametrize("family", ["vit", "dinov2", "clip", "siglip", "deit", "swin"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_families_and_channels(model_dirs, family, channels):
+    task, _ = make_task(TaskTarget.MULTICLASS_CLASSIFICATION, channels=channels)
+    check_output(adapt(task, model=str(model_dirs[family]), **FAST), TaskTarget.MULTICLASS_CLASSIFICATION, 9)
+
+
+def test_challenge_size_images_are_resized(vit_dir):
+    task, _ = make_task(TaskTarget.BINARY_CLASSIFICATION, n_support=4, n_query=2, size=224, channels=1)
+    check_output(adapt(task, model=str(vit_dir), **FAST), TaskTarget.BINARY_CLASSIFICATION, 2)
+
+
+def test_base_weights_unchanged_and_only_adapters_train(vit_dir):
+    before = {k: v.clone() for k, v in load_backbone(str(vit_dir)).state_dict().items()}
+    task, _ = make_task()
+    result = run(task, model=str(vit_dir), cpu=True, max_steps=10, lr_adapter=0.1)
+    after = load_backbone(str(vit_dir)).state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    n_base = sum(v.numel() for v in before.values())
+    assert 0 < result.trainable_parameters < n_base / 2
+
+
+def test_base_weights_bit_identical_inside_the_adapted_model(vit_dir, monkeypatch):
+    """The adapted model's own frozen tensors stay as loaded (LoRA is never merged)."""
+    import l2l_peft.api as api
+
+    captured = {}
+    original = api.predict
+
+    def spy(model, *args, **kwargs):
+        captured["state"] = {k: v.detach().clone() for k, v in model.extractor.state_dict().items()}
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(api, "predict", spy)
+    task, _ = make_task()
+    run(task, model=str(vit_dir), cpu=True, max_steps=10, lr_adapter=0.1)
+    pristine = load_backbone(str(vit_dir)).model.state_dict()
+    adapted = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in captured["state"].items()}
+    for name, tensor in pristine.items():
+        assert torch.equal(adapted[f"model.{name}"], tensor), name
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in captured["state"].items())
+
+
+@pytest.mark.parametrize("target", [TaskTarget.BINARY_CLASSIFICATION, TaskTarget.MULTICLASS_CLASSIFICATION])
+def test_learns_an_easy_task(vit_dir, target):
+    """Bright vs dark images: query AUROC must exceed 0.9."""
+    task, query_labels = make_task(target, n_support=24, n_query=30, seed=1)
+    out = adapt(task, model=str(vit_dir), cpu=True, max_steps=40, head_init="zero")
+    if target is TaskTarget.BINARY_CLASSIFICATION:
+        auroc = binary_auroc(out[:, 0], query_labels[:, 0])
+    else:
+        auroc = multiclass_auroc(out, query_labels, num_classes=3)
+    assert auroc > 0.9
+
+
+def test_seeded_runs_are_reproducible(vit_dir):
+    task, _ = make_task(TaskTarget.ORDINAL_REGRESSION)
+    a = adapt(task, model=str(vit_dir), **FAST, seed=3)
+    b = adapt(task, model=str(vit_dir), **FAST, seed=3)
+    c = adapt(task, model=str(vit_dir), **FAST, seed=4)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_empty_query_gives_empty_output(vit_dir):
+    task, _ = make_task(TaskTarget.MULTILABEL_CLASSIFICATION)
+    task.query = []
+    assert adapt(task, model=str(vit_dir), **FAST).shape == (0, 3)
+
+
+def test_time_budget_stops_training_early(vit_dir):
+    task, _ = make_task()
+    result = run(task, model=str(vit_dir), cpu=True, max_steps=100_000, min_steps=1, epochs=1e6, time_budget=2.0)
+    assert result.train.stopped_early and result.train.steps < 100_000
+    assert result.timings["total"] < 4.0
+    check_output(result.probabilities, TaskTarget.MULTICLASS_CLASSIFICATION, 9)
+
+
+def test_config_and_overrides():
+    assert AdaptConfig(max_steps=5).max_steps == 5
+    with pytest.raises(TypeError, match="unknown AdaptConfig"):
+        adapt(make_task()[0], not_a_field=1)
+    with pytest.raises(ValueError, match="precision"):
+        AdaptConfig(precision="fp8")
+    with pytest.raises(ValueError, match="max_steps"):
+        AdaptConfig(max_steps=0)
+
+
+def test_environment_overrides(vit_dir, monkeypatch):
+    monkeypatch.setenv("L2L_PEFT_MODEL", str(vit_dir))
+    monkeypatch.setenv("L2L_PEFT_TIME_BUDGET", "30")
+    config = AdaptConfig().with_env()
+    assert config.model == str(vit_dir) and config.time_budget == 30.0
+    check_output(adapt(make_task()[0], **FAST), TaskTarget.MULTICLASS_CLASSIFICATION, 9)

@@ -1,0 +1,69 @@
+"""Offline model resolution, input adaptation and the feature rule."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from l2l_peft import BackboneError
+from l2l_peft.backbone import load_backbone, resolve_model
+
+
+def test_features_have_documented_size_for_every_family(model_dirs):
+    for family, path in model_dirs.items():
+        extractor = load_backbone(str(path))
+        features = extractor(torch.zeros(2, 1, 40, 40))  # 1 channel and a foreign size are adapted
+        assert features.shape == (2, extractor.feature_dim), family
+        assert extractor.feature_dim == 2 * extractor.hidden_size
+
+
+def test_prefix_tokens_are_counted(model_dirs):
+    counts = {f: load_backbone(str(p)).num_prefix_tokens for f, p in model_dirs.items()}
+    assert counts == {"vit": 1, "dinov2": 1, "clip": 1, "siglip": 0, "deit": 2, "swin": 0}
+
+
+def test_preprocess_maps_challenge_range_to_model_normalisation(vit_dir):
+    extractor = load_backbone(str(vit_dir))
+    extractor.mean.fill_(0.25)
+    extractor.std.fill_(0.5)
+    x = torch.full((1, 1, 32, 32), -1.0)
+    x[..., 16:] = 1.0
+    out = extractor.preprocess(x)  # black -> (0 - 0.25) / 0.5, white -> (1 - 0.25) / 0.5, on 3 channels
+    assert out.shape == (1, 3, 32, 32)
+    assert torch.allclose(out[0, :, 0, 0], torch.full((3,), -0.5))
+    assert torch.allclose(out[0, :, 0, -1], torch.full((3,), 1.5))
+
+
+def test_copies_are_independent(vit_dir):
+    a, b = load_backbone(str(vit_dir)), load_backbone(str(vit_dir))
+    next(a.parameters()).data.add_(1)
+    assert not torch.equal(next(a.parameters()), next(b.parameters()))
+
+
+def test_missing_hub_model_says_how_to_fix(tmp_path):
+    with pytest.raises(BackboneError, match="prefetch.py --model org/none"):
+        load_backbone("org/none", cache_dir=str(tmp_path))
+
+
+def test_directory_that_is_not_a_model(tmp_path):
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(BackboneError, match="not a model directory"):
+        load_backbone(str(tmp_path / "junk"))
+
+
+def test_no_model_and_no_default(tmp_path):
+    with pytest.raises(BackboneError, match="no model given"):
+        resolve_model(None, str(tmp_path))
+
+
+def test_manifest_default_and_relative_path(tmp_path, vit_dir):
+    import shutil
+
+    shutil.copytree(vit_dir, tmp_path / "tiny")
+    manifest = {"default": "acme/tiny", "models": {"acme/tiny": {"path": "tiny"}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    source = resolve_model(None, str(tmp_path))
+    assert source.location == str(tmp_path / "tiny")
+    assert load_backbone(None, str(tmp_path)).feature_dim == 64

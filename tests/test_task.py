@@ -1,0 +1,146 @@
+"""Task reading: safe unpickling, both torchcross layouts, validation errors."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from conftest import CLASSES, make_task, old_layout, write_task
+from torchcross.data.task import Task, TaskDescription, TaskTarget
+
+from l2l_peft import TaskError, load_task
+
+
+class _Evil:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    task, _ = make_task()
+    task.description.task_identifier = _Evil(str(marker))
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps(task))
+    with pytest.raises(TaskError, match="not allowed"):
+        load_task(path)
+    assert not marker.exists()
+
+
+def test_payload_nested_in_tensor_blob_is_refused(tmp_path):
+    """A storage blob is itself a pickle: it must be loaded with weights_only=True."""
+    marker = tmp_path / "pwned"
+    blob = pickle.dumps(_Evil(str(marker)), protocol=2)
+
+    class Blob:
+        def __reduce__(self):
+            return (torch.storage._load_from_bytes, (blob,))
+
+    task, _ = make_task()
+    task.description.task_identifier = Blob()
+    with pytest.raises(TaskError):
+        load_task(pickle.dumps(task))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("data", [b"", b"not a pickle", pickle.dumps({"x": 1})[:-3]])
+def test_garbage_bytes(data):
+    with pytest.raises(TaskError):
+        load_task(data)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(TaskError, match="cannot read"):
+        load_task(tmp_path / "nope.pkl")
+
+
+@pytest.mark.parametrize("layout", ["new", "old"])
+def test_both_layouts_roundtrip(tmp_path, layout):
+    task, _ = make_task(TaskTarget.MULTILABEL_CLASSIFICATION)
+    if layout == "old":
+        task = old_layout(task)
+    data = load_task(write_task(task, tmp_path / "t.pkl"))
+    assert data.target is TaskTarget.MULTILABEL_CLASSIFICATION
+    assert data.classes == CLASSES[TaskTarget.MULTILABEL_CLASSIFICATION]
+    assert data.support_images.shape == (12, 3, 32, 32)
+    assert data.support_labels.shape == (12, 3)
+    assert data.query_images.shape == (9, 3, 32, 32)
+
+
+def test_collated_task_and_numpy_images():
+    task, _ = make_task(n_support=6)
+    images = np.stack([x.numpy() for x, _ in task.support])
+    labels = torch.stack([y for _, y in task.support])
+    query = torch.stack([x for x, _ in task.query])
+    collated = Task((torch.from_numpy(images), labels), (query,), task.description)
+    data = load_task(pickle.dumps(collated))
+    assert data.support_images.shape == (6, 3, 32, 32)
+    assert data.query_images.shape == (9, 3, 32, 32)
+
+
+def test_query_forms_are_equivalent():
+    task, _ = make_task()
+    images_only = Task(task.support, [x for x, _ in task.query], task.description)
+    singles = Task(task.support, [(x,) for x, _ in task.query], task.description)
+    a, b, c = (load_task(t).query_images for t in (task, images_only, singles))
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_class_keys_not_zero_based_are_mapped_in_dict_order():
+    task, _ = make_task(n_support=6)
+    keys = {5: "x", 9: "y", 7: "z"}
+    support = [(x, torch.tensor([5, 9, 7][int(y)])) for x, y in task.support]
+    data = load_task(Task(support, task.query, TaskDescription(TaskTarget.MULTICLASS_CLASSIFICATION, keys)))
+    assert data.support_labels.tolist() == [0, 1, 2, 0, 1, 2]
+
+
+def _with(task: Task, *, support=None, query=None, target=None, classes=None) -> Task:
+    d = task.description
+    return Task(
+        task.support if support is None else support,
+        task.query if query is None else query,
+        TaskDescription(target or d.task_target, d.classes if classes is None else classes),
+    )
+
+
+def _bad_cases():
+    task, _ = make_task()
+    img, lab = task.support[0]
+    binary, _ = make_task(TaskTarget.BINARY_CLASSIFICATION)
+    multi, _ = make_task(TaskTarget.MULTILABEL_CLASSIFICATION)
+    nan = img.clone()
+    nan[0, 0, 0] = float("nan")
+    return {
+        "non-finite": (_with(task, support=[(nan, lab)] + task.support[1:]), "NaN"),
+        "shapes": (_with(task, support=task.support + [(img[:, :16], lab)]), "shape"),
+        "channels": (_with(task, support=[(torch.zeros(2, 32, 32), lab)] * 3), "channels"),
+        "empty support": (_with(task, support=[]), "empty"),
+        "multiclass range": (_with(task, support=task.support + [(img, torch.tensor(3))]), "not one of the classes"),
+        "binary value": (_with(binary, support=binary.support + [(img, torch.tensor([2]))]), "0 or 1"),
+        "binary shape": (_with(binary, support=[(img, torch.tensor([1, 0]))] * 4), "shape"),
+        "multilabel length": (_with(multi, support=[(img, torch.tensor([1, 0]))] * 4), "multi-hot"),
+        "multilabel values": (_with(multi, support=multi.support + [(img, torch.tensor([1, 2, 0]))]), "multi-hot"),
+        "ordinal range": (_with(task, target=TaskTarget.ORDINAL_REGRESSION, support=task.support + [(img, torch.tensor(7))]), "not one of"),
+        "segmentation": (_with(task, target=TaskTarget.BINARY_SEGMENTATION), "segmentation"),
+        "unknown target": (_with(task, target="classify"), "unknown task target"),
+        "query shape": (_with(task, query=[torch.zeros(3, 16, 16)]), "query images"),
+        "fractional label": (_with(task, support=task.support + [(img, torch.tensor(0.5))]), "integers"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()))
+def test_validation_errors_name_the_problem(case):
+    task, message = _bad_cases()[case]
+    with pytest.raises(TaskError, match=message):
+        load_task(pickle.dumps(task))
+
+
+def test_empty_query_is_allowed():
+    task, _ = make_task()
+    assert load_task(_with(task, query=[])).query_images.shape[0] == 0
