@@ -1,0 +1,54 @@
+"""The CLI as a subprocess, as users and the challenge run it."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import CLASSES, make_task, old_layout, write_task
+from torchcross.data.task import TaskTarget
+
+from l2l_peft.cli import build_parser
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "l2l_peft", *args], capture_output=True, text=True, env=full_env, timeout=120)
+
+
+@pytest.mark.parametrize("target", list(CLASSES))
+def test_cli_every_target(tmp_path, vit_dir, target):
+    task, _ = make_task(target)
+    layout = old_layout(task) if target is TaskTarget.ORDINAL_REGRESSION else task
+    out = tmp_path / "out.pkl"
+    proc = cli(str(write_task(layout, tmp_path / "in.pkl")), str(out), "--model", str(vit_dir), "--max-steps", "5", "--cpu", "--strict")
+    assert proc.returncode == 0, proc.stderr
+    with out.open("rb") as f:
+        probs = pickle.load(f)
+    n_outputs = 1 if target in (TaskTarget.BINARY_CLASSIFICATION, TaskTarget.REGRESSION) else len(CLASSES[target])
+    assert isinstance(probs, torch.Tensor) and probs.shape == (9, n_outputs)
+    assert "adapted" in proc.stdout and target.name in proc.stdout
+
+
+def test_cli_unreadable_input_is_one_line_error(tmp_path, vit_dir):
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(b"\x80\x04garbage")
+    proc = cli(str(bad), str(tmp_path / "out.pkl"), "--model", str(vit_dir))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "cannot unpickle" in proc.stderr
+    assert not (tmp_path / "out.pkl").exists()
+
+
+def test_cli_missing_model_strict_fails_clearly(tmp_path):
+    task_path = write_task(make_task()[0], tmp_path / "in.pkl")
+    proc = cli(str(task_path), str(tmp_path / "out.pkl"), "--model", "org/absent", "--cache-dir", str(tmp_path), "--strict")
+    assert proc.returncode == 3 and "prefetch.py" in proc.stderr
+
+
+def test_parser_mirrors_config_fields():
+    args = build_parser().parse_args(["a.pkl", "b.pkl", "--max-steps", "7", "--no-augment", "--method", "dora", "--time-budget", "9.5"])
+    assert (args.max_steps, args.augment, args.method, args.time_budget) == (7, False, "dora", 9.5)
