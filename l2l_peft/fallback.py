@@ -1,56 +1,102 @@
 """Container-mode robustness: whenever the task was readable, produce a valid prediction.
 
-Degrades in order, logging each step and why: the full recipe -> the recipe with half the
-batch and steps in fp32 -> a nearest-prototype classifier on frozen features -> the class prior
-of the support labels (needs no model at all).
+Degrades in order, logging each step and why: the full recipe -> the recipe with half the batch
+and half the steps (fp32 when the loss went non-finite) -> a nearest-prototype classifier on
+frozen features -> the class prior of the support labels (needs no model at all). Every attempt
+gets what is left of one shared time budget; a result that has the wrong shape or non-finite
+values counts as a failure.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
+from collections.abc import Callable
 
 import torch
+from accelerate.state import AcceleratorState
 from torchcross.data.task import TaskTarget
 
 from .api import AdaptResult, init_head, run
-from .backbone import load_backbone
+from .backbone import BackboneError, load_backbone
 from .config import AdaptConfig, Method, Precision
 from .head import Classifier, Head
 from .predict import predict
-from .targets import build_objective
+from .targets import build_objective, output_size
 from .task import TaskData
-from .train import make_accelerator
+from .train import TrainingError, make_accelerator
 
 logger = logging.getLogger(__name__)
 
+RETRY_MIN_BUDGET_FRACTION = 0.3  # a smaller retry needs about this share of the budget to finish
+Attempt = Callable[[TaskData, AdaptConfig], AdaptResult]
 
-def run_with_fallbacks(data: TaskData, config: AdaptConfig) -> tuple[AdaptResult, str]:
-    """(result, name of the predictor that produced it)."""
-    smaller = dataclasses.replace(
+
+def smaller(config: AdaptConfig, *, diverged: bool) -> AdaptConfig:
+    """Half the batch and steps (OOM, slowness); fp32 as well when the loss became NaN/inf."""
+    half_steps = max(1, config.max_steps // 2)
+    return dataclasses.replace(
         config,
         batch_size=max(1, config.batch_size // 2),
-        max_steps=max(1, config.max_steps // 2),
-        min_steps=min(config.min_steps, max(1, config.max_steps // 2)),
-        precision=Precision.FP32 if config.precision is not Precision.AUTO or torch.cuda.is_available() else config.precision,
+        predict_batch_size=max(1, config.predict_batch_size // 2),
+        max_steps=half_steps,
+        min_steps=min(config.min_steps, half_steps),
+        precision=Precision.FP32 if diverged else config.precision,
     )
-    attempts = [
-        ("adapted", lambda: run(data, config)),
-        ("adapted (smaller retry)", lambda: run(data, smaller)),
-        ("prototypes on frozen features", lambda: prototype_result(data, config)),
-    ]
-    for name, attempt in attempts:
+
+
+def run_with_fallbacks(data: TaskData, config: AdaptConfig) -> tuple[AdaptResult, str]:
+    """(result, name of the predictor that produced it); never raises for a readable task."""
+    start = time.monotonic()
+    budget = config.time_budget
+
+    def left() -> float | None:
+        return None if budget is None else budget - (time.monotonic() - start)
+
+    failure: Exception | None = None
+    for name in ("adapted", "adapted (smaller retry)", "prototypes on frozen features"):
+        remaining = left()
+        if name == "adapted (smaller retry)":
+            if remaining is not None and remaining < RETRY_MIN_BUDGET_FRACTION * budget:
+                logger.warning("skipping the smaller retry: %.0fs of the budget left", remaining)
+                continue
+            attempt_config = smaller(config, diverged=isinstance(failure, TrainingError))
+            if attempt_config.precision is not config.precision:
+                AcceleratorState._reset_state()  # accelerate keeps one precision per process
+        else:
+            attempt_config = config
+        if remaining is not None and remaining <= 0:
+            logger.warning("skipping %s: time budget exhausted", name)
+            break
+        attempt: Attempt = prototype_result if name.startswith("prototypes") else run
         try:
-            return attempt(), name
+            result = attempt(data, dataclasses.replace(attempt_config, time_budget=remaining))
+            check(result.probabilities, data)
+            return result, name
         except Exception as err:  # noqa: BLE001 - container mode must always answer; every failure is logged
+            failure = err
             logger.warning("%s failed: %s: %s; falling back", name, type(err).__name__, err)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+            if isinstance(err, BackboneError):
+                break  # no backbone: neither a retry nor prototypes can work
+    logger.warning("falling back to the class prior of the support labels")
     return AdaptResult(class_prior(data), config), "class prior of the support labels"
+
+
+def check(probabilities: torch.Tensor, data: TaskData) -> None:
+    """The challenge needs [n_query, n_outputs] finite values."""
+    expected = (len(data.query_images), output_size(data.target, data.classes))
+    if tuple(probabilities.shape) != expected:
+        raise ValueError(f"predictions have shape {tuple(probabilities.shape)}, expected {expected}")
+    if not bool(torch.isfinite(probabilities).all()):
+        raise ValueError("predictions contain NaN or inf")
 
 
 @torch.no_grad()
 def prototype_result(data: TaskData, config: AdaptConfig) -> AdaptResult:
+    """Frozen features, head set to the nearest-mean rule of the support (no training)."""
     if data.target is TaskTarget.REGRESSION:
         raise ValueError("prototypes do not apply to regression")
     config = dataclasses.replace(config.with_env(), method=Method.HEAD)
@@ -60,9 +106,7 @@ def prototype_result(data: TaskData, config: AdaptConfig) -> AdaptResult:
     model = Classifier(extractor, Head(extractor.feature_dim, objective.n_logits)).to(accelerator.device)
     init_head(model, objective, data.support_images, data.support_labels, accelerator=accelerator, batch_size=config.predict_batch_size)
     probs = predict(model, objective, data.query_images, accelerator=accelerator, batch_size=config.predict_batch_size)
-    if not bool(torch.isfinite(probs).all()):
-        raise ValueError("prototype predictions are not finite")
-    return AdaptResult(probs, config)
+    return AdaptResult(probs, config, precision=accelerator.mixed_precision)
 
 
 def class_prior(data: TaskData) -> torch.Tensor:
