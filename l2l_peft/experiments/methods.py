@@ -1,0 +1,109 @@
+"""Named methods of the YAML, their hyperparameter grids, and how each variant adapts a task.
+
+Every method uses the same backbone. Kinds:
+  adapt         l2l_peft.api.run with AdaptConfig overrides (lora is the default; method: head,
+                full, dora, bitfit, vpt-deep, ... select the others)
+  seed_recipe   the challenge's seed: full fine-tuning, Adam lr 1e-3, 100 epochs, batch 64, no
+                augmentation, zero-initialised head (the loop's cosine decay stays)
+  linear_probe  L2-regularised regression of the target's loss on frozen features (frozen.py)
+  prototypes    nearest class mean on frozen features (frozen.py)
+Config precedence: YAML defaults < the kind's preset < params < grid values.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from ..api import AdaptResult, run
+from ..config import AdaptConfig, Method, make_config
+from ..frozen import Frozen, ProbeConfig, probe_config, run_frozen
+from ..task import TaskData
+
+
+class Kind(str, Enum):
+    ADAPT = "adapt"
+    SEED_RECIPE = "seed_recipe"
+    LINEAR_PROBE = "linear_probe"
+    PROTOTYPES = "prototypes"
+
+
+SEED_RECIPE: dict[str, Any] = dict(
+    method=Method.FULL, lr_head=1e-3, lr_adapter=1e-3, weight_decay=0.0, epochs=100.0, batch_size=64,
+    max_steps=100_000, min_steps=1, warmup_frac=0.0, augment=False, head_init="zero",
+)  # fmt: skip  -- weight_decay 0 makes AdamW plain Adam; max_steps so high that epochs decide
+PRESETS: dict[Kind, dict[str, Any]] = {Kind.SEED_RECIPE: SEED_RECIPE}
+
+
+@dataclass
+class MethodSpec:
+    """One `methods:` entry of the YAML."""
+
+    name: str
+    kind: Kind = Kind.ADAPT
+    params: dict[str, Any] = field(default_factory=dict)  # AdaptConfig fields (probe: also l2, max_iter)
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # field -> values; the product gives variants
+
+    def __post_init__(self) -> None:
+        try:
+            self.kind = Kind(self.kind)
+        except ValueError:
+            raise ValueError(f"method {self.name!r}: kind must be one of {[k.value for k in Kind]}, got {self.kind!r}") from None
+        bad = [k for k, v in self.grid.items() if not isinstance(v, list) or not v]
+        if bad:
+            raise ValueError(f"method {self.name!r}: grid values must be non-empty lists, not for {bad}")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One point of a method's grid: what a results row names and how it adapts."""
+
+    name: str  # method name, plus [key=value,...] for grid points
+    method: str
+    kind: Kind
+    params: dict[str, Any]  # params and grid values merged
+
+    def config(self, base: AdaptConfig, seed: int) -> tuple[AdaptConfig, ProbeConfig | None]:
+        """(AdaptConfig, probe settings): base < preset < params; the seed adds the task's."""
+        probe, overrides = probe_config(self.params) if self.kind is Kind.LINEAR_PROBE else (None, self.params)
+        preset = PRESETS.get(self.kind, {})
+        config = make_config(make_config(base, **preset), **overrides)
+        return make_config(config, seed=seed + config.seed), probe
+
+    def run(self, data: TaskData, base: AdaptConfig, *, seed: int) -> AdaptResult:
+        config, probe = self.config(base, seed)
+        match self.kind:
+            case Kind.ADAPT | Kind.SEED_RECIPE:
+                return run(data, config)
+            case Kind.LINEAR_PROBE:
+                return run_frozen(data, config, Frozen.LINEAR_PROBE, probe)
+            case Kind.PROTOTYPES:
+                return run_frozen(data, config, Frozen.PROTOTYPES)
+            case other:
+                raise ValueError(f"unknown method kind {other}")
+
+
+def expand(spec: MethodSpec) -> list[Variant]:
+    """The grid's product; a method without a grid is one variant named like the method."""
+    if not spec.grid:
+        return [Variant(spec.name, spec.name, spec.kind, dict(spec.params))]
+    keys = sorted(spec.grid)
+    variants = []
+    for values in itertools.product(*(spec.grid[k] for k in keys)):
+        point = dict(zip(keys, values))
+        label = ",".join(f"{k}={v}" for k, v in point.items())
+        variants.append(Variant(f"{spec.name}[{label}]", spec.name, spec.kind, {**spec.params, **point}))
+    return variants
+
+
+def build_variants(specs: list[MethodSpec], base: AdaptConfig) -> list[Variant]:
+    """Expand every method and check its configs now, not hours into a run."""
+    variants = [v for spec in specs for v in expand(spec)]
+    for variant in variants:
+        try:
+            variant.config(base, seed=0)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"method {variant.name!r}: {err}") from err
+    return variants

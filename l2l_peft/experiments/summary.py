@@ -1,0 +1,65 @@
+"""summary.md: the headline metric per dataset x shots x method, then every metric and timing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .results import aggregate
+
+METRICS = ["auroc", "accuracy", "balanced_accuracy", "mae", "qwk", "mse"]
+TIMINGS = ["adapt_s", "predict_s", "peak_gpu_mb"]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _shots(value: Any) -> str:
+    return "given" if value is None else str(value)
+
+
+def headline(rows: list[dict[str, Any]], metric: str, resamples: int) -> list[str]:
+    """One table per dataset x target: methods down, shots across."""
+    stats = aggregate(rows, [metric], resamples=resamples)
+    variants = list(dict.fromkeys(g[0] for g in stats))
+    lines = []
+    for dataset, target in dict.fromkeys((g[1], g[2]) for g in stats):
+        shots = list(dict.fromkeys(g[3] for g in stats if g[1:3] == (dataset, target)))
+        body = [
+            [v] + [stats[(v, dataset, target, s)][metric].format() if (v, dataset, target, s) in stats else "–" for s in shots]
+            for v in variants
+        ]
+        lines += [f"### {dataset} / {target}", "", *_table(["method"] + [f"{_shots(s)}-shot" for s in shots], body), ""]
+    return lines
+
+
+def details(rows: list[dict[str, Any]], resamples: int) -> list[str]:
+    names = [m for m in METRICS if any(m in (r.get("metrics") or {}) for r in rows)] + TIMINGS
+    stats = aggregate(rows, names, resamples=resamples)
+    body = [
+        [v, d, t, _shots(s), str(max(a.n for a in agg.values()))] + [agg[n].format(2 if n in TIMINGS else 3) for n in names]
+        for (v, d, t, s), agg in stats.items()
+    ]
+    return _table(["method", "dataset", "target", "shots", "tasks"] + names, body)
+
+
+def write_summary(rows: list[dict[str, Any]], path: Path, *, metric: str, resamples: int) -> None:
+    failed = [r for r in rows if r.get("error")]
+    lines = [
+        "# Experiment summary",
+        "",
+        f"{len(rows) - len(failed)} finished rows, {len(failed)} failed. Cells: mean over tasks [95% bootstrap CI].",
+        "",
+        f"## {metric}",
+        "",
+        *headline(rows, metric, resamples),
+        "## All metrics and timings (seconds per task, peak GPU MiB)",
+        "",
+        *details(rows, resamples),
+        "",
+    ]
+    if failed:
+        lines += ["## Failures", "", *(f"- {r['task']} / {r['variant']}: {r['error']}" for r in failed), ""]
+    path.write_text("\n".join(lines))
