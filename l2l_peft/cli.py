@@ -17,9 +17,9 @@ import typing
 from enum import Enum
 from pathlib import Path
 
+from . import environment
 from .config import ENV_TIME_BUDGET, AdaptConfig
 
-_START = time.monotonic()
 logger = logging.getLogger("l2l_peft")
 
 CONTAINER_TIME_BUDGET = 600.0  # seconds; a safe whole-run default when neither flag nor env var sets one
@@ -51,14 +51,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _process_age() -> float:
+    """Seconds since this process started (interpreter and torch import count against the budget)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def main(argv: list[str] | None = None) -> int:
+    start = time.monotonic() - (_process_age() if argv is None else 0.0)  # argv None: we are the process
     args = build_parser().parse_args(argv)
+    scratch = environment.prepare()
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     for noisy in ("transformers", "accelerate", "peft", "torchopt"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
+    if scratch:
+        logger.info("no writable HOME: caches go to %s", scratch)
     from .api import run
-    from .backbone import BackboneError
+    from .backbone import BackboneError, resolve_model
     from .fallback import run_with_fallbacks
     from .io import save_predictions
     from .task import TaskError, load_task
@@ -69,14 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    elapsed = time.monotonic() - _START
+    elapsed = time.monotonic() - start
     if config.time_budget is None and ENV_TIME_BUDGET not in os.environ:
         config = dataclasses.replace(config, time_budget=CONTAINER_TIME_BUDGET)
     config = dataclasses.replace(config, time_budget=max(1.0, config.time_budget - elapsed))
 
     try:
         data = load_task(args.task)
-    except TaskError as err:
+    except (TaskError, OSError) as err:
         print(f"error: {args.task}: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     logger.info(
@@ -99,10 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"error: cannot write {args.output}: {err}", file=sys.stderr)
         return EXIT_WRITE
+    try:
+        model = resolve_model(config.model, config.cache_dir).name
+    except BackboneError:
+        model = config.model or "(none)"
     report = result.train
     logger.info(
-        "%s: model %s, method %s, precision %s, %s steps, output %s, %.1fs total",
-        how, config.model or "(cache default)", config.method.value, result.precision,
-        report.steps if report else 0, tuple(result.probabilities.shape), time.monotonic() - _START,
+        "%s: model %s, target %s, support %d, query %d, method %s, steps %s, precision %s, output %s, "
+        "%.1fs of %.0fs budget",
+        how, model, data.target.name, len(data.support_images), len(data.query_images), config.method.value,
+        f"{report.steps}/{report.planned_steps}" if report else 0, result.precision,
+        tuple(result.probabilities.shape), time.monotonic() - start, elapsed + config.time_budget,
     )  # fmt: skip
     return 0
