@@ -20,14 +20,18 @@ def _errors(aggs: list[Aggregate]) -> np.ndarray:
 
 def metric_vs_shots(rows: list[dict[str, Any]], path: Path, *, metric: str, resamples: int) -> None:
     stats = aggregate([r for r in rows if r.get("shots") is not None], [metric], resamples=resamples, by=("variant", "shots"))
+    variants = list(dict.fromkeys(v for v, _ in stats))
     fig, ax = plt.subplots(figsize=(6, 4))
-    for variant in dict.fromkeys(v for v, _ in stats):
+    for i, variant in enumerate(variants):
         points = sorted((s, a[metric]) for (v, s), a in stats.items() if v == variant and a[metric].n)
         if points:
             shots, aggs = zip(*points)
-            ax.errorbar(shots, [a.mean for a in aggs], yerr=_errors(list(aggs)), marker="o", capsize=3, label=variant)
+            dodge = 1.04 ** (i - (len(variants) - 1) / 2)  # side by side, so the intervals stay readable
+            ax.errorbar([s * dodge for s in shots], [a.mean for a in aggs], yerr=_errors(list(aggs)), marker="o", capsize=3, label=variant)
     ax.set_xscale("log")
-    ax.set_xticks(sorted({s for _, s in stats}), labels=[str(s) for s in sorted({s for _, s in stats})])
+    ax.minorticks_off()
+    ticks = sorted({s for _, s in stats})
+    ax.set_xticks(ticks, labels=[str(s) for s in ticks])
     ax.set(xlabel="shots per class", ylabel=f"{metric} (mean over tasks, 95% CI)", title=f"{metric} vs shots")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -1,0 +1,206 @@
+"""The experiments runner: sampling protocol, metrics, methods, and a tiny suite end to end (1 and 2 processes, resume)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torchcross.data.task import TaskTarget
+
+from conftest import make_task, write_task
+from l2l_peft.experiments.config import SuiteConfig, parse_config
+from l2l_peft.experiments.methods import Kind, MethodSpec, build_variants, expand
+from l2l_peft.experiments.metrics import task_metrics
+from l2l_peft.experiments.results import RESULTS, bootstrap, read_rows
+from l2l_peft.experiments.runner import run_experiment
+from l2l_peft.experiments.sampling import sample_task
+from l2l_peft.experiments.sources import medimeta_source
+from l2l_peft.experiments.suites import Suite
+from l2l_peft.config import AdaptConfig, Method
+
+REPO = Path(__file__).resolve().parent.parent
+PLOTS = ["auroc_vs_shots.png", "auroc_per_dataset.png", "time_per_task.png"]
+
+
+@pytest.fixture(scope="module")
+def npz_dir(tmp_path_factory) -> Path:
+    """Two tiny datasets in the development-data layout: multiclass grayscale, multilabel RGB."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    labels = np.arange(60) % 3
+    gray = (labels[:, None, None] * 100 + rng.integers(0, 40, (60, 12, 12))).astype(np.uint8)
+    np.savez(root / "shapes.npz", images=gray, labels=labels, split=np.where(np.arange(60) < 45, 0, 2).astype(np.int8))
+    multi = rng.integers(0, 2, (60, 3))
+    rgb = (multi[:, None, None, :] * 150 + rng.integers(0, 40, (60, 12, 12, 3))).astype(np.uint8)
+    np.savez(root / "cells.npz", images=rgb, labels=multi)
+    manifest = {
+        "shapes": {"task": "multiclass", "class_names": {"0": "a", "1": "b", "2": "c"}},
+        "cells": {"task": "multilabel", "class_names": {"0": "x", "1": "y", "2": "z"}},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def _config(npz_dir: Path, vit_dir: Path) -> dict:
+    """2 datasets x 2 targets x 3 methods, 2 tasks each at 2 shots."""
+    return {
+        "model": str(vit_dir),
+        "defaults": {"max_steps": 3, "min_steps": 1},
+        "bootstrap": 200,
+        "suite": {
+            "shots": [2], "tasks": 2, "query_per_class": 3, "image_size": 32,
+            "sources": [{"kind": "npz", "path": str(npz_dir), "targets": {"shapes": ["native", "binary:b"], "cells": ["native", "binary:y"]}}],
+        },
+        "methods": [{"name": "lora"}, {"name": "probe", "kind": "linear_probe"}, {"name": "prototypes", "kind": "prototypes"}],
+    }  # fmt: skip
+
+
+def _by_key(rows: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(r["task"], r["variant"]): r for r in rows}
+
+
+@pytest.fixture(scope="module")
+def one_process_run(npz_dir, vit_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "one"
+    run_experiment(parse_config(_config(npz_dir, vit_dir)), out)
+    return out
+
+
+def test_tiny_suite_end_to_end(one_process_run):
+    rows = read_rows(one_process_run / RESULTS)
+    assert len(rows) == 2 * 2 * 2 * 3  # datasets x targets x tasks x methods
+    assert not [r["error"] for r in rows if r["error"]]
+    assert {(r["dataset"], r["target"]) for r in rows} == {("shapes", "native"), ("shapes", "b-vs-rest"), ("cells", "native"), ("cells", "y-vs-rest")}
+    assert all(0 <= r["metrics"]["auroc"] <= 1 and r["adapt_s"] > 0 for r in rows)
+    assert {r["target_type"] for r in rows} == {"multiclass_classification", "binary_classification", "multilabel_classification"}
+    summary = (one_process_run / "summary.md").read_text()
+    assert "### shapes / b-vs-rest" in summary and "| lora |" in summary
+    for name in PLOTS:
+        assert (one_process_run / name).read_bytes()[:4] == b"\x89PNG"
+    resolved = json.loads((one_process_run / "config.resolved.json").read_text())
+    assert resolved["versions"]["torch"] == metadata.version("torch") and resolved["num_processes"] == 1
+    assert resolved["variants"]["lora"]["max_steps"] == 3 and "git_commit" in resolved
+
+
+def test_resume_skips_finished_rows(one_process_run, npz_dir, vit_dir, tmp_path):
+    out = tmp_path / "resume"
+    shutil.copytree(one_process_run, out)
+    lines = (out / RESULTS).read_text().splitlines()
+    failed = json.loads(lines[0]) | {"error": "RuntimeError: simulated", "metrics": None}
+    (out / RESULTS).write_text("\n".join(lines[1:-2] + [json.dumps(failed)]) + "\n")  # 2 rows missing, 1 failed
+    run_experiment(parse_config(_config(npz_dir, vit_dir)), out)
+    after = (out / RESULTS).read_text().splitlines()
+    assert len(after) == len(lines) - 2 + 3  # only the missing and the failed rows ran again
+    new = [json.loads(line) for line in after[-3:]]
+    assert {(r["task"], r["variant"]) for r in new} == {(json.loads(line)["task"], json.loads(line)["variant"]) for line in [lines[0]] + lines[-2:]}
+    assert not any(r["error"] for r in read_rows(out / RESULTS))
+
+
+def test_two_processes_match_one(one_process_run, npz_dir, vit_dir, tmp_path):
+    """accelerate launch with 2 CPU processes (gloo) gives the rows of 1 process, from both ranks."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(_config(npz_dir, vit_dir)))
+    out = tmp_path / "two"
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "l2l_peft.experiments", str(config), "--output", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = _by_key(read_rows(one_process_run / RESULTS)), _by_key(read_rows(out / RESULTS))
+    assert list(one) == list(two)  # same rows, same order
+    assert {r["rank"] for r in two.values()} == {0, 1}
+    for key, row in one.items():
+        for name, value in row["metrics"].items():
+            assert two[key]["metrics"][name] == pytest.approx(value, abs=1e-4), (key, name)
+
+
+def test_sampling_follows_the_protocol():
+    labels = torch.arange(100) % 4
+    pool = torch.arange(100)
+    support, query = sample_task(labels, TaskTarget.MULTICLASS_CLASSIFICATION, pool, shots=5, query_per_class=10, seed=3)
+    assert torch.bincount(labels[support]).tolist() == [5] * 4 and torch.bincount(labels[query]).tolist() == [10] * 4
+    assert not set(support.tolist()) & set(query.tolist())
+    again = sample_task(labels, TaskTarget.MULTICLASS_CLASSIFICATION, pool, shots=5, query_per_class=10, seed=3)
+    assert torch.equal(again[0], support) and torch.equal(again[1], query)
+    hot = torch.randint(0, 2, (200, 3), generator=torch.Generator().manual_seed(0))
+    support, query = sample_task(hot, TaskTarget.MULTILABEL_CLASSIFICATION, torch.arange(200), shots=4, query_per_class=5, seed=0)
+    assert (hot[support].sum(0) >= 4).all() and ((1 - hot[support]).sum(0) >= 4).all()
+    assert (hot[query].sum(0) >= 5).all() and not set(support.tolist()) & set(query.tolist())
+    with pytest.raises(ValueError, match="REGRESSION"):
+        sample_task(torch.rand(10), TaskTarget.REGRESSION, torch.arange(10), shots=1, query_per_class=1, seed=0)
+
+
+def test_suite_split_and_task_seeds_do_not_depend_on_order(npz_dir):
+    source = {"kind": "npz", "path": str(npz_dir), "include": ["shapes"]}
+    suite = Suite(SuiteConfig(sources=[source], shots=[1, 2], tasks=2, split="test", image_size=32))
+    reordered = Suite(SuiteConfig(sources=[source], shots=[2, 1], tasks=2, split="test", image_size=32))
+    spec = suite.specs[-1]
+    data, labels = suite.build(spec)
+    same, same_labels = reordered.build(next(s for s in reordered.specs if s.key == spec.key))
+    torch.testing.assert_close(data.support_images, same.support_images)
+    assert torch.equal(labels, same_labels)
+    assert data.support_images.shape[1:] == (1, 32, 32) and -1 <= data.support_images.min() and data.support_images.max() <= 1
+    assert len(data.support_labels) == 6 and len(labels) == 9  # 2 shots / 3 queries x 3 classes, from the 15 test images
+
+
+def test_pickle_source_labels_inside_or_in_side_file(tmp_path):
+    inside, inside_labels = make_task(TaskTarget.MULTICLASS_CLASSIFICATION, seed=1)
+    write_task(inside, tmp_path / "a.pkl")
+    side, side_labels = make_task(TaskTarget.BINARY_CLASSIFICATION, seed=2)
+    side.query = [image for image, _ in side.query]  # challenge form: no labels in the query
+    write_task(side, tmp_path / "b.pkl")
+    (tmp_path / "labels.json").write_text(json.dumps({"b": side_labels.tolist()}))
+    entry = {"kind": "pickles", "path": str(tmp_path), "labels": str(tmp_path / "labels.json")}
+    suite = Suite(SuiteConfig(sources=[entry]))
+    assert [s.key for s in suite.specs] == [f"{tmp_path.name}/a", f"{tmp_path.name}/b"]
+    assert torch.equal(suite.build(suite.specs[0])[1], inside_labels)
+    assert torch.equal(suite.build(suite.specs[1])[1], side_labels.reshape(-1))
+
+
+def test_medimeta_source_skips_cleanly(tmp_path, caplog):
+    assert medimeta_source(str(tmp_path / "absent")) == []
+    assert "medimeta source skipped" in caplog.text
+
+
+def test_metrics_definitions():
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    perfect = task_metrics(TaskTarget.ORDINAL_REGRESSION, torch.nn.functional.one_hot(y, 3).float(), y)
+    assert perfect == {"auroc": 1.0, "accuracy": 1.0, "balanced_accuracy": 1.0, "mae": 0.0, "qwk": 1.0}
+    single_class = task_metrics(TaskTarget.BINARY_CLASSIFICATION, torch.rand(4, 1), torch.ones(4, dtype=torch.long))
+    assert math.isnan(single_class["auroc"]) and not math.isnan(single_class["accuracy"])
+    imbalanced = task_metrics(TaskTarget.BINARY_CLASSIFICATION, torch.zeros(4, 1), torch.tensor([0, 0, 0, 1]))
+    assert imbalanced["accuracy"] == 0.75 and imbalanced["balanced_accuracy"] == 0.5
+    assert set(task_metrics(TaskTarget.REGRESSION, torch.rand(5, 1), torch.rand(5))) == {"mae", "mse"}
+
+
+def test_methods_grid_and_seed_recipe():
+    grid = MethodSpec("lora", params={"lora_rank": 8}, grid={"lr_adapter": [1e-3, 3e-3], "lora_dropout": [0.0]})
+    assert [v.name for v in expand(grid)] == ["lora[lora_dropout=0.0,lr_adapter=0.001]", "lora[lora_dropout=0.0,lr_adapter=0.003]"]
+    base = AdaptConfig(max_steps=5)
+    (seed,) = build_variants([MethodSpec("seed", kind="seed_recipe")], base)
+    config, _ = seed.config(base, seed=7)
+    assert (config.method, config.lr_head, config.lr_adapter, config.weight_decay) == (Method.FULL, 1e-3, 1e-3, 0.0)
+    assert (config.epochs, config.batch_size, config.augment, config.head_init, config.seed) == (100.0, 64, False, "zero", 7)
+    assert seed.kind is Kind.SEED_RECIPE
+    with pytest.raises(ValueError, match="unknown AdaptConfig field"):
+        build_variants([MethodSpec("bad", params={"lora_rnak": 4})], base)
+
+
+def test_bootstrap_interval_and_config_errors():
+    agg = bootstrap([0.5, 0.7, math.nan, 0.9], resamples=500)
+    assert agg.n == 3 and agg.mean == pytest.approx(0.7) and agg.low < agg.mean < agg.high
+    assert bootstrap([math.nan], resamples=10).n == 0
+    with pytest.raises(ValueError, match="unknown key"):
+        parse_config({"suite": {"sources": [{"kind": "npz"}], "shot": [1]}, "methods": [{"name": "lora"}]})
