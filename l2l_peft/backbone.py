@@ -178,11 +178,32 @@ class FeatureExtractor(nn.Module):
         return prefix if 0 <= prefix <= 16 else 0
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        hidden, pooled = self.tokens(self.preprocess(images))
+        return self.pool(*self.tokens(self.preprocess(images)))
+
+    def pool(self, hidden: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
+        """The feature rule: concat(global token, mean of patch tokens)."""
         patches = hidden[:, self.num_prefix_tokens :].mean(1)
         if pooled is None or pooled.dim() != 2:
             pooled = hidden[:, 0] if self.num_prefix_tokens else patches
         return torch.cat([pooled, patches], dim=-1)
+
+
+def cast_frozen_matmuls(module: nn.Module, dtype: torch.dtype) -> int:
+    """Store frozen Linear/Conv weights in the autocast dtype; returns how many tensors were cast.
+
+    Under autocast these weights are re-cast on every forward anyway (autocast caches only
+    trainable leaves), so storing them cast gives the same numbers without the per-step copies.
+    Trainable tensors (adapters, head) keep float32 for the optimizer; norms and embeddings
+    keep float32 because autocast runs them in float32.
+    """
+    cast = 0
+    for layer in module.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            for param in layer.parameters(recurse=False):
+                if not param.requires_grad and param.dtype != dtype:
+                    param.data = param.data.to(dtype)
+                    cast += 1
+    return cast
 
 
 @lru_cache(maxsize=2)

@@ -80,6 +80,16 @@ class AdaptConfig:
         "then run once, not every step",
         default=None,
     )
+    prefix_views: int = _help(
+        "with lora_last_blocks: augmented views per support image whose frozen-block output is cached "
+        "once (training then samples among them); 0 runs the frozen blocks every step",
+        default=4,
+    )
+    cuda_graphs: bool = _help(
+        "capture the training step as a CUDA graph on GPUs (not with fp16 loss scaling); cuts the "
+        "per-step launch overhead that dominates at few-shot batch sizes",
+        default=True,
+    )
     vpt_tokens: int = _help("prompt tokens per layer for visual prompt tuning", default=8)
     lr_head: float = _help("AdamW learning rate of the head", default=5e-3)
     lr_adapter: float = _help("AdamW learning rate of the adapter parameters", default=1e-3)
@@ -113,6 +123,8 @@ class AdaptConfig:
             raise ValueError(f"AdaptConfig.lora_targets must be qv, qkv, attn or all, got {self.lora_targets!r}")
         if self.lora_last_blocks is not None and self.lora_last_blocks < 1:
             raise ValueError(f"AdaptConfig.lora_last_blocks must be >= 1 or None, got {self.lora_last_blocks!r}")
+        if self.prefix_views < 0:
+            raise ValueError(f"AdaptConfig.prefix_views must be >= 0, got {self.prefix_views!r}")
         if self.head_init not in ("prototype", "zero"):
             raise ValueError(f"AdaptConfig.head_init must be 'prototype' or 'zero', got {self.head_init!r}")
         if not 0 <= self.warmup_frac < 1:

@@ -62,8 +62,9 @@ class Sigmoid(Objective):
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         target = labels.reshape(logits.shape).float()
-        pos_weight = self.pos_weight.to(logits.device)
-        return F.binary_cross_entropy_with_logits(logits.float(), target, pos_weight=pos_weight)
+        if self.pos_weight.device != logits.device:  # moved once: a copy per step would block CUDA-graph capture
+            self.pos_weight = self.pos_weight.to(logits.device)
+        return F.binary_cross_entropy_with_logits(logits.float(), target, pos_weight=self.pos_weight)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float().sigmoid()

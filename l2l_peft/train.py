@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,9 @@ from accelerate.state import AcceleratorState
 
 from .augment import augment
 from .config import AdaptConfig, Precision
+from .graphs import EagerStep, GraphedStep
 from .head import Classifier
+from .prefix import PrefixCache, frozen_prefix
 from .targets import Objective
 
 logger = logging.getLogger(__name__)
@@ -92,41 +95,50 @@ def train(
     n = len(images)
     batch, steps = plan(n, config)
     batches_per_epoch = n // batch
+    generator = torch.Generator(device).manual_seed(config.seed)
+    cache = _prefix_cache(model, images, config, accelerator, generator)
+    graphs = config.cuda_graphs and device.type == "cuda" and accelerator.mixed_precision != "fp16"
 
     head_params = [p for p in model.head.parameters() if p.requires_grad]
     other_params = [p for p in model.extractor.parameters() if p.requires_grad]
-    groups = [{"params": head_params, "lr": config.lr_head}]
+    lr = (lambda v: torch.tensor(v, device=device)) if graphs else float  # a replayed graph reads tensor lrs
+    groups = [{"params": head_params, "lr": lr(config.lr_head)}]
     if other_params:
-        groups.append({"params": other_params, "lr": config.lr_adapter})
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=device.type == "cuda")
+        groups.append({"params": other_params, "lr": lr(config.lr_adapter)})
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=device.type == "cuda", capturable=graphs)
     warmup = max(1, round(config.warmup_frac * steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps, warmup))
     optimizer = accelerator.prepare_optimizer(optimizer)  # loss scaling under fp16; no DDP model wrap
     trainable = head_params + other_params
-    generator = torch.Generator(device).manual_seed(config.seed)
 
-    model.train()
-    running = torch.zeros((), device=device)
-    done, stopped_early = 0, False
-    for step in range(steps):
-        if step % batches_per_epoch == 0:
-            order = torch.randperm(n, device=device, generator=generator)
-        idx = order[(step % batches_per_epoch) * batch : (step % batches_per_epoch + 1) * batch]
-        x, y = images[idx], labels[idx]
-        if config.augment:
-            x = augment(x, generator)
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with accelerator.autocast():
-            loss = objective.loss(model(x), y)
+            loss = objective.loss(model.head(cache.features(x)) if cache else model(x), y)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(trainable, GRAD_CLIP)
         optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        running = loss.detach() if step == 0 else 0.9 * running + 0.1 * loss.detach()
-        done += 1
-        if deadline is not None and _out_of_time(start, done, batch, predict_images, deadline):
-            stopped_early = done < steps
-            break
+        return loss.detach()
+
+    run_step = GraphedStep(step, optimizer) if graphs else EagerStep(step, optimizer)
+    model.train()
+    running = torch.zeros((), device=device)
+    done, stopped_early = 0, False
+    with cache.swapped() if cache else nullcontext():
+        for i in range(steps):
+            if i % batches_per_epoch == 0:
+                order = torch.randperm(n, device=device, generator=generator)
+            idx = order[(i % batches_per_epoch) * batch : (i % batches_per_epoch + 1) * batch]
+            if cache:
+                x = cache.sample(idx, generator)
+            else:
+                x = augment(images[idx], generator) if config.augment else images[idx]
+            loss = run_step(x, labels[idx])
+            scheduler.step()
+            running = loss.clone() if i == 0 else 0.9 * running + 0.1 * loss
+            done += 1
+            if deadline is not None and _out_of_time(start, done, batch, predict_images, deadline):
+                stopped_early = done < steps
+                break
 
     final = float(running)  # the loop's only host-device sync
     if not math.isfinite(final):
@@ -134,6 +146,22 @@ def train(
     seconds = time.monotonic() - start
     logger.debug("trained %d/%d steps of batch %d in %.2fs, loss %.4f", done, steps, batch, seconds, final)
     return TrainReport(done, steps, batch, final, seconds, stopped_early)
+
+
+def _prefix_cache(
+    model: Classifier, images: torch.Tensor, config: AdaptConfig, accelerator: Accelerator, generator: torch.Generator
+) -> PrefixCache | None:
+    """Cache the frozen blocks' output when only the last blocks are adapted (see prefix.py)."""
+    frozen = frozen_prefix(model.extractor) if config.lora_last_blocks and config.prefix_views else []
+    if not frozen:
+        return None
+    return PrefixCache(
+        model.extractor, frozen, images,
+        views=config.prefix_views if config.augment else 1,
+        generator=generator if config.augment else None,
+        autocast=accelerator.autocast,
+        batch_size=config.predict_batch_size,
+    )  # fmt: skip
 
 
 def _out_of_time(start: float, done: int, batch: int, predict_images: int, deadline: float) -> bool:

@@ -1,0 +1,78 @@
+"""The speed paths give the same training as the plain path: prefix cache, bf16 weight storage, CUDA graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_task
+from torchcross.data.task import TaskTarget
+
+from l2l_peft import run
+from l2l_peft.api import build_classifier
+from l2l_peft.backbone import cast_frozen_matmuls, load_backbone
+from l2l_peft.config import AdaptConfig
+from l2l_peft.prefix import frozen_prefix
+from l2l_peft.targets import build_objective
+from l2l_peft.task import load_task
+
+EXACT = dict(cpu=True, max_steps=6, min_steps=6, augment=False, lora_dropout=0.0, lora_last_blocks=1)
+
+
+@pytest.mark.parametrize("family", ["vit", "dinov2", "clip", "siglip", "swin"])
+def test_prefix_cache_trains_like_the_full_model(model_dirs, family):
+    task, _ = make_task(TaskTarget.MULTICLASS_CLASSIFICATION)
+    cached = run(task, model=str(model_dirs[family]), **EXACT)
+    plain = run(task, model=str(model_dirs[family]), prefix_views=0, **EXACT)
+    assert cached.train.steps == plain.train.steps == 6
+    assert cached.train.final_loss == pytest.approx(plain.train.final_loss, rel=1e-4, abs=1e-5)
+    torch.testing.assert_close(cached.probabilities, plain.probabilities, rtol=1e-4, atol=1e-5)
+
+
+def test_prefix_cache_with_augmented_views_trains(vit_dir):
+    task, _ = make_task(TaskTarget.BINARY_CLASSIFICATION)
+    result = run(task, model=str(vit_dir), cpu=True, max_steps=8, lora_last_blocks=1, prefix_views=3)
+    assert result.train.steps == 8 and torch.isfinite(result.probabilities).all()
+
+
+def _extractor(vit_dir, **overrides):
+    config = AdaptConfig(model=str(vit_dir), **overrides)
+    data = load_task(make_task()[0])
+    objective = build_objective(data.target, data.classes, data.support_labels)
+    return build_classifier(load_backbone(config.model), objective, config).extractor
+
+
+@pytest.mark.parametrize(
+    ("overrides", "n_frozen"),
+    [
+        (dict(lora_last_blocks=1), 1),
+        (dict(), 0),  # every block adapted
+        (dict(lora_last_blocks=2), 0),  # the tiny model has 2 blocks
+        (dict(method="bitfit", lora_last_blocks=1), 0),  # BitFit trains every block's biases
+        (dict(method="vpt-deep", lora_last_blocks=1), 0),  # prompts live outside the blocks
+    ],
+)
+def test_frozen_prefix_only_when_nothing_before_it_trains(vit_dir, overrides, n_frozen):
+    assert len(frozen_prefix(_extractor(vit_dir, **overrides))) == n_frozen
+
+
+def test_bf16_weight_storage_matches_autocast(vit_dir):
+    extractor = _extractor(vit_dir)
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = extractor(images)
+        assert cast_frozen_matmuls(extractor, torch.bfloat16) > 0
+        after = extractor(images)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    assert all(p.dtype == torch.float32 for p in extractor.parameters() if p.requires_grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("target", [TaskTarget.MULTICLASS_CLASSIFICATION, TaskTarget.BINARY_CLASSIFICATION])
+@pytest.mark.parametrize("last_blocks", [None, 1])
+def test_cuda_graph_trains_like_eager(vit_dir, target, last_blocks):
+    task, _ = make_task(target)
+    common = dict(max_steps=12, min_steps=12, augment=False, lora_dropout=0.0, lora_last_blocks=last_blocks, precision="bf16")
+    graphed = run(task, model=str(vit_dir), cuda_graphs=True, **common)
+    eager = run(task, model=str(vit_dir), cuda_graphs=False, **common)
+    assert graphed.train.final_loss == pytest.approx(eager.train.final_loss, rel=2e-2, abs=1e-3)
+    torch.testing.assert_close(graphed.probabilities, eager.probabilities, rtol=2e-2, atol=2e-2)
