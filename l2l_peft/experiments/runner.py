@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -44,7 +45,7 @@ PACKAGES = ["l2l-peft", "torch", "transformers", "peft", "accelerate", "torchcro
 
 
 def _finite_or_none(metrics: dict[str, float]) -> dict[str, float | None]:
-    return {k: (v if v == v else None) for k, v in metrics.items()}  # NaN -> null: strict JSON
+    return {k: (None if math.isnan(v) else v) for k, v in metrics.items()}  # NaN -> null: strict JSON
 
 
 def _peak_memory_mb(accelerator: Accelerator, reset: bool) -> float | None:
