@@ -1,0 +1,374 @@
+"""Adaptation speed on one GPU: l2l_peft against a straightforward peft + accelerate loop.
+
+    python benchmarks/bench_adapt.py --out benchmarks/results          # the GPU run (a few minutes)
+    python benchmarks/bench_adapt.py --smoke --out /tmp/bench          # tiny models, CPU, seconds
+
+Backbones are ViT-S/16, ViT-B/16 and ViT-L/16 with random weights (speed does not depend on the
+weights), saved once as local model directories. Each row reports the in-process adapt() split
+(load / adapt / predict, from api.run's timings), training images/s, achieved training TFLOP/s
+(FLOPs of one training step counted by torch.utils.flop_counter, times steps, over the training
+wall time, warm-up and graph capture included) as a fraction of a bf16 8192^3 matmul measured in
+the same run, and peak GPU memory. CLI rows time `python -m l2l_peft` from process start to
+output written. Rows run best-of-`--repeats` after one warm-up task per backbone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+from torchcross.data.task import Task, TaskDescription, TaskTarget  # noqa: E402
+
+from l2l_peft import api  # noqa: E402
+from l2l_peft.adapters import find_target_modules  # noqa: E402
+from l2l_peft.task import load_task  # noqa: E402
+
+ARCHS = {  # hidden, layers, heads, MLP
+    "vit-s16": (384, 12, 6, 1536),
+    "vit-b16": (768, 12, 12, 3072),
+    "vit-l16": (1024, 24, 16, 4096),
+    "tiny": (32, 2, 4, 37),  # --smoke
+}
+CLASSES = {i: f"class{i}" for i in range(5)}
+
+
+def save_model(arch: str, root: Path, size: int) -> Path:
+    from transformers import ViTConfig, ViTModel
+
+    hidden, layers, heads, mlp = ARCHS[arch]
+    directory = root / arch
+    if not (directory / "config.json").exists():
+        cfg = ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=mlp,
+                        image_size=size, patch_size=16 if size >= 64 else 8)  # fmt: skip
+        ViTModel(cfg, add_pooling_layer=False).save_pretrained(directory)
+        prep = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "size": {"height": size, "width": size}}
+        (directory / "preprocessor_config.json").write_text(json.dumps(prep))
+    return directory
+
+
+def make_task(n_support: int, n_query: int, size: int, seed: int = 0) -> Task:
+    g = torch.Generator().manual_seed(seed)
+    n = n_support + n_query
+    images = torch.rand(n, 3, size, size, generator=g) * 2 - 1
+    labels = torch.arange(n) % len(CLASSES)
+    pairs = list(zip(images, labels))
+    return Task(pairs[:n_support], pairs[n_support:], TaskDescription(TaskTarget.MULTICLASS_CLASSIFICATION, CLASSES, "bench"))
+
+
+def fresh_accelerate() -> None:
+    """accelerate keeps one global precision per process; rows with another precision need a reset."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reset_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gb() -> float:
+    return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
+
+
+def matmul_peak(n: int) -> float:
+    """bf16 n^3 matmul TFLOP/s (median of 20 timed runs on random data)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(20):
+        sync()
+        t = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / sorted(times)[len(times) // 2] / 1e12
+
+
+# ---- l2l_peft rows ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    arch: str
+    support: int
+    query: int
+    batch: int = 0
+    steps: int = 0
+    load_s: float = 0.0
+    adapt_s: float = 0.0
+    predict_s: float = 0.0
+    train_s: float = 0.0
+    total_s: float = 0.0
+    cli_s: float | None = None
+    images_per_s: float = 0.0
+    step_gflop: float = 0.0
+    tflops: float = 0.0
+    peak_fraction: float = 0.0
+    memory_gb: float = 0.0
+    note: str = ""
+
+
+def step_flops(data, model_dir: Path, overrides: dict) -> float:
+    """FLOPs of one training step: run(1 step) vs run(2 steps), eager, counted (predict of 1 query cancels)."""
+    counts = []
+    for steps in (1, 2):
+        fresh_accelerate()
+        with FlopCounterMode(display=False) as counter:
+            api.run(data, model=str(model_dir), **{**overrides, "max_steps": steps, "min_steps": steps, "cuda_graphs": False})
+        counts.append(counter.get_total_flops())
+    return counts[1] - counts[0]
+
+
+def run_adapt(name: str, arch: str, model_dir: Path, support: int, query: int, size: int, peak: float, repeats: int,
+              overrides: dict, *, bf16_storage: bool = True) -> Row:  # fmt: skip
+    data = load_task(make_task(support, query, size))
+    flops_data = load_task(make_task(support, 1, size))
+    patch = contextlib.nullcontext() if bf16_storage else mock.patch.object(api, "cast_frozen_matmuls", lambda *a: 0)
+    best = None
+    with patch:
+        for _ in range(repeats):
+            fresh_accelerate()
+            reset_memory()
+            result = api.run(data, model=str(model_dir), **overrides)
+            sync()
+            memory = peak_memory_gb()
+            if best is None or result.timings["total"] < best[0].timings["total"]:
+                best = (result, memory)
+        flops = step_flops(flops_data, model_dir, overrides)
+    result, memory = best
+    report = result.train
+    rate = report.steps * flops / report.seconds / 1e12
+    return Row(
+        name, arch, support, query, report.batch_size, report.steps,
+        result.timings["load"], result.timings["adapt"], result.timings["predict"], report.seconds, result.timings["total"],
+        None, report.images_per_second, flops / 1e9, rate, rate / peak, memory,
+    )  # fmt: skip
+
+
+def run_cli(name: str, arch: str, model_dir: Path, support: int, query: int, size: int, work: Path, extra: list[str]) -> Row:
+    task = work / f"{name}.pkl"
+    task.write_bytes(pickle.dumps(make_task(support, query, size)))
+    out = work / f"{name}.out.pkl"
+    out.unlink(missing_ok=True)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "l2l_peft", str(task), str(out), "--model", str(model_dir), "--strict", *extra],
+                          capture_output=True, text=True)  # fmt: skip
+    wall = time.perf_counter() - start
+    if proc.returncode != 0 or not out.exists():
+        raise RuntimeError(f"CLI failed ({proc.returncode}): {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return Row(name, arch, support, query, cli_s=wall, note="python -m l2l_peft, process start to output written")
+
+
+# ---- the straightforward reference -----------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Reference:
+    """HF ViT + peft LoRA r=16 on q/v + linear head on CLS, accelerate bf16, AdamW, whole support per step."""
+
+    steps: int = 100
+    precision: str = "bf16"
+    attention: str = "sdpa"
+    fused: bool = False  # torch's own default on CUDA is the foreach AdamW
+    host_support: bool = False  # support kept on the CPU and copied every step
+    sync_every_step: bool = False  # loss.item() each step (logging)
+
+
+def run_reference(name: str, arch: str, model_dir: Path, support: int, query: int, size: int, peak: float, ref: Reference) -> Row:
+    import peft
+    from accelerate import Accelerator
+    from transformers import ViTModel
+
+    fresh_accelerate()
+    reset_memory()
+    start = time.perf_counter()
+    accelerator = Accelerator(mixed_precision=ref.precision if ref.precision != "fp32" else "no")
+    device = accelerator.device
+    backbone = ViTModel.from_pretrained(model_dir, add_pooling_layer=False, attn_implementation=ref.attention)
+    lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules=find_target_modules(backbone, "qv"))
+    backbone = peft.get_peft_model(backbone, lora)
+    head = torch.nn.Linear(backbone.config.hidden_size, len(CLASSES))
+    model = torch.nn.ModuleDict({"backbone": backbone, "head": head})
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=ref.fused or None)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    sync()
+    built = time.perf_counter()
+
+    task = make_task(support, query, size)
+    x = torch.stack([img for img, _ in task.support])
+    y = torch.stack([label for _, label in task.support])
+    if not ref.host_support:
+        x, y = x.to(device), y.to(device)
+
+    def loss_of(x, y):
+        with accelerator.autocast():
+            logits = model["head"](model["backbone"](pixel_values=x).last_hidden_state[:, 0])
+            return F.cross_entropy(logits, y)
+
+    train_start = time.perf_counter()
+    for _ in range(ref.steps):
+        loss = loss_of(x.to(device), y.to(device))
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        if ref.sync_every_step:
+            loss.item()
+    sync()
+    trained = time.perf_counter()
+    queries = torch.stack([img for img, _ in task.query])
+    with torch.inference_mode(), accelerator.autocast():
+        probs = [model["head"](model["backbone"](pixel_values=q.to(device)).last_hidden_state[:, 0]).softmax(-1)
+                 for q in queries.split(256)]  # fmt: skip
+        torch.cat(probs).float().cpu()
+    done = time.perf_counter()
+    memory = peak_memory_gb()
+
+    with FlopCounterMode(display=False) as counter:
+        accelerator.backward(loss_of(x.to(device), y.to(device)))
+    optimizer.zero_grad()
+    flops = counter.get_total_flops()
+    seconds = trained - train_start
+    rate = ref.steps * flops / seconds / 1e12
+    return Row(
+        name, arch, support, query, support, ref.steps, built - start, seconds, done - trained, seconds,
+        done - start, None, ref.steps * support / seconds, flops / 1e9, rate, rate / peak, memory,
+        note="straightforward peft + accelerate loop",
+    )  # fmt: skip
+
+
+# ---- the plan --------------------------------------------------------------------------------
+
+
+def plan(smoke: bool) -> tuple[list[tuple], list[tuple], list[tuple]]:
+    """(adapt rows, reference rows, CLI rows) as (name, arch, support, query, options)."""
+    if smoke:
+        small = dict(max_steps=3, min_steps=3)
+        adapt = [("smoke default", "tiny", 10, 20, small), ("smoke prefix", "tiny", 10, 20, {**small, "lora_last_blocks": 1})]
+        return adapt, [("smoke reference", "tiny", 10, 20, Reference(steps=3))], [("smoke cli", "tiny", 10, 20, ["--max-steps", "3"])]
+    adapt = [(f"default {a} s{s}", a, s, 500, {}) for a in ("vit-s16", "vit-b16", "vit-l16") for s in (10, 50, 200)]
+    adapt += [
+        ("default vit-b16 s500", "vit-b16", 500, 500, {}),
+        ("default vit-b16 s50 q2000", "vit-b16", 50, 2000, {}),
+        ("B50: no CUDA graphs", "vit-b16", 50, 500, dict(cuda_graphs=False)),
+        ("B50: no bf16 weight storage", "vit-b16", 50, 500, dict(bf16_storage=False)),
+        ("B50: fp32 (no autocast), no graphs", "vit-b16", 50, 500, dict(precision="no", cuda_graphs=False)),
+        ("B50: LoRA last 4 blocks, prefix cache", "vit-b16", 50, 500, dict(lora_last_blocks=4)),
+        ("B50: LoRA last 4 blocks, no prefix cache", "vit-b16", 50, 500, dict(lora_last_blocks=4, prefix_views=0)),
+        ("B200 batch 128", "vit-b16", 200, 500, dict(batch_size=128)),
+        ("B200 batch 128, no graphs", "vit-b16", 200, 500, dict(batch_size=128, cuda_graphs=False)),
+        ("L200 batch 128", "vit-l16", 200, 500, dict(batch_size=128)),
+        ("L200 batch 200", "vit-l16", 200, 500, dict(batch_size=200)),
+        ("S50 batch 50", "vit-s16", 50, 500, dict(batch_size=50)),
+        ("B50 batch 50 (as reference), 100 steps", "vit-b16", 50, 500, dict(batch_size=50, min_steps=100)),
+    ]
+    ref = [
+        ("reference B50", "vit-b16", 50, 500, Reference()),
+        ("reference B50 fused AdamW", "vit-b16", 50, 500, Reference(fused=True)),
+        ("reference B50 eager attention", "vit-b16", 50, 500, Reference(attention="eager")),
+        ("reference B50 fp32", "vit-b16", 50, 500, Reference(precision="fp32")),
+        ("reference B50 support on host", "vit-b16", 50, 500, Reference(host_support=True)),
+        ("reference B50 sync every step", "vit-b16", 50, 500, Reference(sync_every_step=True)),
+        ("reference B128", "vit-b16", 128, 500, Reference()),
+        ("reference S50", "vit-s16", 50, 500, Reference()),
+        ("reference L200", "vit-l16", 200, 500, Reference()),
+    ]
+    cli = [(f"cli {a} s50", a, 50, 500, []) for a in ("vit-s16", "vit-b16", "vit-l16")]
+    return adapt, ref, cli
+
+
+def markdown(rows: list[Row], peak: float, device: str, command: str) -> str:
+    lines = [
+        f"Device: {device}; bf16 8192^3 matmul peak measured in this run: {peak:.0f} TFLOP/s.",
+        f"Command: `{command}`",
+        "",
+        "| row | support | query | batch | steps | load s | adapt s | predict s | train img/s | TFLOP/s | % peak | GPU GB | CLI s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        if r.cli_s is not None:
+            lines.append(f"| {r.name} | {r.support} | {r.query} | | | | | | | | | | {r.cli_s:.2f} |")
+            continue
+        lines.append(
+            f"| {r.name} | {r.support} | {r.query} | {r.batch} | {r.steps} | {r.load_s:.2f} | {r.adapt_s:.2f} | "
+            f"{r.predict_s:.2f} | {r.images_per_s:,.0f} | {r.tflops:.0f} | {100 * r.peak_fraction:.0f}% | {r.memory_gb:.1f} | |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--models", type=Path, default=Path("/tmp/bench_models"))
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="tiny models and steps (checks the script, not speed)")
+    parser.add_argument("--only", default="", help="run only rows whose name contains this")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    size = 32 if args.smoke else 224
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    peak = matmul_peak(256 if args.smoke else 8192)
+    print(f"{device}: matmul peak {peak:.0f} TFLOP/s", flush=True)
+    adapt_rows, ref_rows, cli_rows = plan(args.smoke)
+    pick = lambda rows: [r for r in rows if args.only in r[0]]  # noqa: E731
+    dirs = {arch: save_model(arch, args.models, size) for arch in dict.fromkeys(r[1] for r in adapt_rows + ref_rows + cli_rows)}
+    for arch, directory in dirs.items():  # warm-up: CUDA context, cuBLAS handles, the cached pristine backbone
+        api.run(load_task(make_task(10, 10, size)), model=str(directory), max_steps=2, min_steps=2)
+
+    rows: list[Row] = []
+
+    def record(name: str, measure) -> None:  # one failing row must not lose the others
+        try:
+            rows.append(measure())
+            print(rows[-1], flush=True)
+        except Exception as err:  # noqa: BLE001
+            print(f"ROW FAILED {name}: {type(err).__name__}: {err}", flush=True)
+
+    for name, arch, support, query, ref in pick(ref_rows):
+        record(name, lambda: run_reference(name, arch, dirs[arch], support, query, size, peak, ref))
+    for name, arch, support, query, options in pick(adapt_rows):
+        options = dict(options)
+        storage = options.pop("bf16_storage", True)
+        record(name, lambda: run_adapt(name, arch, dirs[arch], support, query, size, peak, args.repeats, options, bf16_storage=storage))
+    for name, arch, support, query, extra in pick(cli_rows):
+        record(name, lambda: run_cli(name, arch, dirs[arch], support, query, size, args.models, extra))
+
+    command = "python benchmarks/bench_adapt.py " + " ".join(sys.argv[1:])
+    meta = {"device": device, "matmul_peak_tflops": peak, "command": command, "torch": torch.__version__}
+    (args.out / "bench_adapt.json").write_text(json.dumps({**meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+    table = markdown(rows, peak, device, command)
+    (args.out / "bench_adapt.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
