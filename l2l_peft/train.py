@@ -56,7 +56,8 @@ def make_accelerator(config: AdaptConfig) -> Accelerator:
         precision = "no"
     else:
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return Accelerator(mixed_precision=precision, cpu=config.cpu)
+    # cpu=True without CUDA: accelerate 1.15 only forms a CPU process group (gloo) when told so
+    return Accelerator(mixed_precision=precision, cpu=config.cpu or not torch.cuda.is_available())
 
 
 def plan(n_support: int, config: AdaptConfig) -> tuple[int, int]:

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import subprocess
 import sys
 import time
@@ -125,9 +124,7 @@ def resolved_config(config: ExperimentConfig, variants: list[Variant], base: Ada
 
 def run_experiment(config: ExperimentConfig, output: Path) -> Path:
     """Run (or resume) the experiment into `output`; returns the results file."""
-    # accelerate only forms a CPU (gloo) process group when asked for the CPU explicitly
-    cpu = config.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
-    base = AdaptConfig(model=config.model, cache_dir=config.cache_dir, precision=config.precision, cpu=cpu)
+    base = AdaptConfig(model=config.model, cache_dir=config.cache_dir, precision=config.precision, cpu=config.cpu)
     base = make_config(base, **config.defaults)
     accelerator = make_accelerator(base)
     variants = build_variants(config.methods, base)
