@@ -1,0 +1,108 @@
+"""PretrainConfig: every knob of a pretraining run, read from YAML, with documented defaults.
+
+Paths in the YAML are taken relative to the working directory. Unknown keys are errors, so a
+typo cannot silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import Precision
+
+# name -> (hidden size, attention heads); 12 layers, MLP 4x hidden, as DeiT/ViT tiny/small/base
+VIT_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class PretrainConfig:
+    """One multi-task supervised pretraining run."""
+
+    # data
+    sources: list[dict[str, Any]] = _help(
+        "data sources in the experiments' suite format: {kind: npz, path: DIR} | {kind: folder, csv: PATH, task: T, name: N}"
+        " | {kind: medimeta, path: DIR, datasets: [...], tasks: {...}} (MedIMeta is skipped when absent)",
+        default_factory=list,
+    )
+    include: list[str] | None = _help("dataset names to use (None: all found)", default=None)
+    exclude: list[str] = _help("dataset names to leave out, e.g. the evaluation datasets", default_factory=list)
+    # model
+    model_size: str = _help(f"ViT size built from scratch: {', '.join(VIT_SIZES)}", default="tiny")
+    init_from: str | None = _help("continue from this HF checkpoint (hub id in the cache, or directory) instead", default=None)
+    cache_dir: str | None = _help("HF cache for init_from (default: the repository's hf_cache/)", default=None)
+    image_size: int = _help("model input side (the challenge form is 224)", default=224)
+    patch_size: int = _help("ViT patch side", default=16)
+    vit_overrides: dict[str, Any] = _help("extra ViTConfig fields (tests use tiny widths)", default_factory=dict)
+    # optimisation
+    steps: int = _help("optimisation steps (the cosine schedule's length)", default=20000)
+    max_minutes: float | None = _help(
+        "training time budget over all resumes; the schedule then follows whichever of steps or time ends first",
+        default=None,
+    )
+    batch_size: int = _help("images per step and process, split evenly across datasets (balanced sampling)", default=512)
+    lr: float = _help("AdamW peak learning rate", default=1e-3)
+    min_lr_frac: float = _help("final learning rate as a fraction of lr", default=0.01)
+    weight_decay: float = _help("AdamW weight decay on matrices (not on biases and norms)", default=0.05)
+    warmup_steps: int = _help("linear warm-up steps", default=300)
+    grad_clip: float = _help("gradient norm clip", default=1.0)
+    precision: Precision = _help("mixed precision: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or no", default=Precision.AUTO)
+    cpu: bool = _help("train on the CPU even when a GPU is present", default=False)
+    seed: int = _help("seed of the initialisation, sampling and augmentation", default=0)
+    # augmentation (pixels in [0, 1] units where it matters)
+    crop_scale: tuple[float, float] = _help("random resized crop: area fraction range", default=(0.35, 1.0))
+    max_rotation: float = _help("random rotation range in degrees (+-)", default=30.0)
+    vflip: float = _help("probability of a vertical flip (horizontal flips: 0.5)", default=0.5)
+    jitter: float = _help("brightness (+-jitter/2), contrast and saturation (1+-jitter) strength", default=0.4)
+    grayscale: float = _help("probability that an RGB image is turned gray", default=0.2)
+    # bookkeeping
+    name: str = _help("model name written into the card", default="l2l-vit-tiny-med")
+    checkpoint_every: int = _help("steps between checkpoints (always one at the end)", default=1000)
+    log_every: int = _help("steps between loss/throughput log lines", default=50)
+    save_dtype: str = _help("dtype of the exported weights: bf16 (half the size) or fp32", default="bf16")
+
+    def __post_init__(self) -> None:
+        self.precision = Precision(self.precision)
+        self.crop_scale = tuple(self.crop_scale)
+        if self.model_size not in VIT_SIZES and self.init_from is None:
+            raise ValueError(f"PretrainConfig.model_size must be one of {', '.join(VIT_SIZES)}, got {self.model_size!r}")
+        if not self.sources:
+            raise ValueError("PretrainConfig.sources is empty: name at least one, e.g. `- {kind: npz, path: ../shared/data}`")
+        for name in ("batch_size", "image_size", "patch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PretrainConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.steps < 0:
+            raise ValueError(f"PretrainConfig.steps must be >= 0, got {self.steps!r}")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"PretrainConfig.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale!r}")
+        if self.save_dtype not in ("bf16", "fp32"):
+            raise ValueError(f"PretrainConfig.save_dtype must be bf16 or fp32, got {self.save_dtype!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["precision"] = self.precision.value
+        out["crop_scale"] = list(self.crop_scale)
+        return out
+
+
+def load_config(path: str | Path | None, **overrides: Any) -> PretrainConfig:
+    """YAML file (optional) + keyword overrides (None values are ignored) -> validated config."""
+    import yaml
+
+    values = yaml.safe_load(Path(path).read_text()) if path else {}
+    values = dict(values or {})
+    npz_dir = overrides.pop("npz_dir", None)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if npz_dir:
+        values["sources"] = [{**s, "path": npz_dir} if s.get("kind") == "npz" else s for s in values.get("sources", [])]
+    known = {f.name for f in dataclasses.fields(PretrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown pretraining setting(s) {', '.join(unknown)} in {path}; known: {', '.join(sorted(known))}")
+    return PretrainConfig(**values)

@@ -1,0 +1,171 @@
+"""The pretraining loop under accelerate (DDP across processes, bf16 autocast), readable top to bottom.
+
+Each step every process draws the same number of images from every dataset, augments them on
+the device and sums nothing by hand: the loss is the mean over datasets of each dataset's own
+objective, so a small dataset counts as much as a large one. The learning rate follows warm-up
+and a cosine over progress = max(step / steps, seconds / budget), so a time-limited run still
+anneals; progress and checkpoints survive restarts (`accelerator.save_state`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast, set_seed
+from tqdm.auto import tqdm
+
+from ..config import AdaptConfig
+from ..datasets import LabelledDataset
+from ..train import TrainingError, make_accelerator
+from .augment import StrongAugment
+from .config import PretrainConfig
+from .data import BalancedSampler, load_sources
+from .model import MultiTaskModel, build_extractor
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint"
+PROGRESS = "progress.json"
+LOG = "log.jsonl"
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    seconds: float = 0.0  # training seconds over all runs (the time budget's clock)
+    images: int = 0  # images seen over all processes
+    datasets: list[str] = field(default_factory=list)  # head names, so a resume cannot mix up heads
+
+    @classmethod
+    def read(cls, directory: Path) -> Progress:
+        path = directory / PROGRESS
+        return cls(**json.loads(path.read_text())) if path.is_file() else cls()
+
+    def write(self, directory: Path) -> None:
+        (directory / PROGRESS).write_text(json.dumps(self.__dict__) + "\n")
+
+
+def accelerator_for(config: PretrainConfig) -> Accelerator:
+    return make_accelerator(AdaptConfig(precision=config.precision, cpu=config.cpu))
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; biases, norms, CLS and position embeddings are exempt."""
+    decay, exempt = [], []
+    for p in model.parameters():
+        (decay if p.dim() >= 2 and p.shape[0] > 1 else exempt).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, progress: float, config: PretrainConfig) -> float:
+    warm = min(1.0, (step + 1) / max(1, config.warmup_steps))
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return warm * (config.min_lr_frac + (1 - config.min_lr_frac) * cosine)
+
+
+@dataclass
+class PretrainResult:
+    model: MultiTaskModel  # unwrapped
+    progress: Progress
+    datasets: list[LabelledDataset]  # what was trained on (test rows removed)
+
+
+def pretrain(config: PretrainConfig, output: Path, *, accelerator: Accelerator, resume: bool = True) -> PretrainResult:
+    """Train, or continue training from output/checkpoint, until the steps or the time budget are used up."""
+    output.mkdir(parents=True, exist_ok=True)
+    set_seed(config.seed)
+    datasets = load_sources(config)
+    extractor = build_extractor(config)
+    sampler = BalancedSampler(
+        datasets, batch_size=config.batch_size, device=accelerator.device, seed=config.seed, rank=accelerator.process_index
+    )
+    model = MultiTaskModel(extractor, {s.name: s.objective.n_logits for s in sampler.sources})
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.999), fused=accelerator.device.type == "cuda"
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    augment = StrongAugment(config.image_size, config.crop_scale, max_rotation=config.max_rotation,
+                            vflip=config.vflip, jitter=config.jitter, grayscale=config.grayscale)  # fmt: skip
+
+    names = [s.name for s in sampler.sources]
+    progress = Progress(datasets=names)
+    if resume and (output / CHECKPOINT).is_dir():
+        progress = Progress.read(output / CHECKPOINT)
+        if progress.datasets != names:
+            raise ValueError(
+                f"{output / CHECKPOINT} was trained on {progress.datasets}, this config selects {names}: "
+                "use another --output or --no-resume"
+            )
+        accelerator.load_state(str(output / CHECKPOINT))
+        logger.info("resumed from %s at step %d (%.0fs trained)", output / CHECKPOINT, progress.step, progress.seconds)
+    budget = config.max_minutes * 60 if config.max_minutes else math.inf
+    counts = [sampler.per_source] * len(sampler.sources)
+    global_batch = sampler.batch_size * accelerator.num_processes
+
+    model.train()
+    bar = tqdm(total=config.steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="pretrain")
+    start, seconds0, window = time.monotonic(), progress.seconds, (time.monotonic(), progress.step)
+    elapsed = seconds0  # synchronised across processes at log steps, so all stop at the same step
+    while progress.step < config.steps and elapsed < budget:
+        step = progress.step
+        fraction = max(step / max(1, config.steps), elapsed / budget)
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * lr_factor(step, fraction, config)
+        generator, batches = sampler.draw(step)
+        images = torch.cat([augment(x, generator) for x, _ in batches])
+        with accelerator.autocast():
+            logits = model(images, counts)
+        losses = torch.stack([s.objective.loss(z, y) for s, z, (_, y) in zip(sampler.sources, logits, batches)])
+        loss = losses.mean()
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.step, progress.images = step + 1, progress.images + global_batch
+        bar.update(1)
+
+        if progress.step % config.log_every == 0 or progress.step == config.steps:
+            now = torch.tensor([seconds0 + time.monotonic() - start], dtype=torch.float64, device=accelerator.device)
+            elapsed = progress.seconds = float(broadcast(now)[0])
+            window = _log(accelerator, output, progress, losses, names, optimizer, window, global_batch, bar)
+        if progress.step % config.checkpoint_every == 0:
+            save_checkpoint(accelerator, output, progress)
+    bar.close()
+    progress.seconds = seconds0 + time.monotonic() - start
+    save_checkpoint(accelerator, output, progress)
+    return PretrainResult(accelerator.unwrap_model(model), progress, datasets)
+
+
+def _log(accelerator, output, progress, losses, names, optimizer, window, global_batch, bar) -> tuple[float, int]:
+    """One JSON line (main process): mean and per-dataset loss over processes, lr, images/s since the last line."""
+    losses = accelerator.reduce(losses.detach().float(), reduction="mean")
+    if not bool(torch.isfinite(losses).all()):
+        raise TrainingError(f"pretraining loss became non-finite at step {progress.step}: {losses.tolist()}")
+    now = time.monotonic()
+    rate = (progress.step - window[1]) * global_batch / max(now - window[0], 1e-9)
+    if accelerator.is_main_process:
+        record = {
+            "step": progress.step, "loss": round(float(losses.mean()), 5), "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": round(rate, 1), "seconds": round(progress.seconds, 1),
+            "losses": {n: round(v, 5) for n, v in zip(names, losses.tolist())},
+        }  # fmt: skip
+        with (output / LOG).open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{rate:.0f}")
+    return now, progress.step
+
+
+def save_checkpoint(accelerator: Accelerator, output: Path, progress: Progress) -> None:
+    """Model, optimizer and RNG states (all processes take part) plus the progress counters."""
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(output / CHECKPOINT))
+    if accelerator.is_main_process:
+        progress.write(output / CHECKPOINT)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,84 @@
+"""The pretraining model: the adaptation FeatureExtractor + one Head per dataset; export of the backbone.
+
+Pretraining and adaptation share FeatureExtractor, so the backbone learns on exactly the
+features adapt() later reads (concat(CLS, patch mean) of [-1, 1] challenge inputs).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..backbone import FeatureExtractor, load_hf_model, resolve_model
+from ..head import Head
+from .config import VIT_SIZES, PretrainConfig
+
+# challenge pixels are already [-1, 1]: mean = std = 0.5 makes the model's normalisation the identity
+CHALLENGE_MEAN_STD = [0.5, 0.5, 0.5]
+
+
+def preprocessor_config(size: int) -> dict:
+    return {
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": True,
+        "size": {"height": size, "width": size},
+        "resample": 2,  # bilinear
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": CHALLENGE_MEAN_STD,
+        "image_std": CHALLENGE_MEAN_STD,
+    }
+
+
+def build_extractor(config: PretrainConfig) -> FeatureExtractor:
+    """A ViT of the named size from scratch, or the backbone of an existing checkpoint."""
+    if config.init_from:
+        model, _ = load_hf_model(resolve_model(config.init_from, config.cache_dir))
+        model = model.float()
+    else:
+        from transformers import ViTConfig, ViTModel
+
+        hidden, heads = VIT_SIZES[config.model_size]
+        vit = dict(
+            hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=12, intermediate_size=4 * hidden,
+            image_size=config.image_size, patch_size=config.patch_size, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0, layer_norm_eps=1e-6,
+        )  # fmt: skip
+        vit.update(config.vit_overrides)
+        model = ViTModel(ViTConfig(**vit), add_pooling_layer=False)
+    return FeatureExtractor(model, preprocessor_config(config.image_size))
+
+
+class MultiTaskModel(nn.Module):
+    """Shared backbone, one head per dataset; forward returns one logit tensor per dataset chunk."""
+
+    def __init__(self, extractor: FeatureExtractor, n_logits: dict[str, int]) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.heads = nn.ModuleDict({name: Head(extractor.feature_dim, n) for name, n in n_logits.items()})
+
+    def forward(self, images: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+        features = self.extractor(images).split(counts)
+        return [head(f) for head, f in zip(self.heads.values(), features)]
+
+
+def export_backbone(extractor: FeatureExtractor, directory: Path, *, save_dtype: str) -> None:
+    """save_pretrained of the backbone alone (safetensors) + the preprocessor config it was trained with.
+
+    Weights may be stored in bf16 to halve the size; config.json still says float32, so every
+    transformers version loads them into float32 like any other checkpoint.
+    """
+    import copy
+
+    model = copy.deepcopy(extractor.model).cpu()
+    model.to(torch.bfloat16 if save_dtype == "bf16" else torch.float32)
+    model.save_pretrained(directory, safe_serialization=True)
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = "float32"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(extractor.input_size), indent=2) + "\n")
