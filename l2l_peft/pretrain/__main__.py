@@ -50,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     accelerator = accelerator_for(config)
-    result = pretrain(config, args.output, accelerator=accelerator, resume=args.resume)
+    try:
+        result = pretrain(config, args.output, accelerator=accelerator, resume=args.resume)
+    except ValueError as err:  # data selection or checkpoint mismatch: the message says the fix
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if accelerator.is_main_process:
         backbone = result.model.extractor
         export_backbone(backbone, args.output, save_dtype=config.save_dtype)

@@ -1,0 +1,126 @@
+"""Pretraining: a tiny CPU run exports a backbone adapt() loads offline; resume continues exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from conftest import make_task
+from l2l_peft import adapt
+from l2l_peft.pretrain.__main__ import main
+from l2l_peft.pretrain.augment import StrongAugment
+from l2l_peft.pretrain.config import load_config
+from l2l_peft.pretrain.data import load_sources
+
+TINY_VIT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 37}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Two synthetic datasets: gray multiclass with a test split, RGB multilabel without splits."""
+    root = tmp_path_factory.mktemp("npz")
+    rng = np.random.default_rng(0)
+    labels = np.arange(30) % 3
+    gray = (labels[:, None, None] * 80 + rng.integers(0, 40, (30, 16, 16))).astype(np.uint8)
+    split = np.array([0] * 20 + [2] * 10, dtype=np.int8)
+    np.savez(root / "gray_mc.npz", images=gray, labels=labels, split=split)
+    np.savez(root / "rgb_ml.npz", images=rng.integers(0, 255, (12, 20, 24, 3), dtype=np.uint8), labels=rng.integers(0, 2, (12, 3)))
+    manifest = {
+        "gray_mc": {"task": "multiclass", "class_names": {"0": "a", "1": "b", "2": "c"}, "domain": "synthetic gray"},
+        "rgb_ml": {"task": "multilabel", "class_names": {"0": "x", "1": "y", "2": "z"}},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.fixture(scope="module")
+def config_path(data_dir, tmp_path_factory) -> Path:
+    config = {
+        "sources": [{"kind": "npz", "path": str(data_dir)}], "image_size": 32, "patch_size": 8, "vit_overrides": TINY_VIT,
+        "steps": 4, "batch_size": 8, "log_every": 1, "checkpoint_every": 2, "warmup_steps": 2, "name": "tiny-test",
+    }  # fmt: skip
+    path = tmp_path_factory.mktemp("cfg") / "pretrain.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    with safe_open(directory / "model.safetensors", "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_sources_drop_test_split_and_excluded(config_path):
+    datasets = load_sources(load_config(config_path))
+    assert [d.name for d in datasets] == ["gray_mc", "rgb_ml"]
+    assert len(datasets[0]) == 20 and int(datasets[0].split.max()) == 0  # the 10 test rows are gone
+    assert [d.name for d in load_sources(load_config(config_path, exclude=["gray_mc"]))] == ["rgb_ml"]
+    with pytest.raises(ValueError, match="unknown pretraining setting"):
+        load_config(config_path, learning_rate=1.0)
+
+
+def test_augment_gives_challenge_form():
+    images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
+    augment = StrongAugment(size=32)
+    out = augment(images, torch.Generator().manual_seed(0))
+    assert out.shape == (6, 3, 32, 32) and out.min() >= -1 and out.max() <= 1
+    assert torch.equal(out[:, 0], out[:, 2])  # gray stays gray in all three channels
+    assert torch.equal(out, augment(images, torch.Generator().manual_seed(0)))
+    assert not torch.equal(out[0], out[1].roll(0))  # samples get different transforms
+    rgb = augment(torch.randint(0, 256, (4, 3, 40, 30), dtype=torch.uint8), torch.Generator().manual_seed(1))
+    assert rgb.shape == (4, 3, 32, 32)
+
+
+def test_export_is_a_backbone_adapt_loads_offline(config_path, tmp_path):
+    out = tmp_path / "run"
+    assert main([str(config_path), "--output", str(out), "--exclude", "rgb_ml", "--cpu", "--log-level", "WARNING"]) == 0
+    weights = _weights(out)
+    assert weights and all(t.dtype == torch.bfloat16 for t in weights.values())
+    assert not any("heads" in k or "pooler" in k for k in weights)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    prep = json.loads((out / "preprocessor_config.json").read_text())
+    assert prep["image_mean"] == prep["image_std"] == [0.5, 0.5, 0.5] and prep["size"]["height"] == 32
+    card = (out / "README.md").read_text()
+    assert "gray_mc" in card and "Excluded datasets: rgb_ml" in card and "steps: 4" in card
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["images_per_s"] > 0 for r in log)
+
+    task, _ = make_task(n_support=6, n_query=5)
+    probs = adapt(task, model=str(out), max_steps=2, min_steps=1, cpu=True)
+    assert probs.shape == (5, 3) and torch.allclose(probs.sum(1), torch.ones(5), atol=1e-5)
+
+
+def test_resume_continues_the_same_run(config_path, tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    args = ["--cpu", "--log-level", "WARNING"]
+    assert main([str(config_path), "--output", str(whole), *args]) == 0
+    assert main([str(config_path), "--output", str(split), "--steps", "2", *args]) == 0
+    assert main([str(config_path), "--output", str(split), *args]) == 0  # resumes at step 2
+    progress = json.loads((split / "checkpoint" / "progress.json").read_text())
+    assert progress["step"] == 4 and progress["datasets"] == ["gray_mc", "rgb_ml"]
+    a, b = _weights(whole), _weights(split)
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-2) for k in a)
+    assert main([str(config_path), "--output", str(split), "--exclude", "rgb_ml", *args]) == 2  # other heads: refused
+
+
+def test_two_process_launch(config_path, tmp_path):
+    """DDP across 2 CPU processes (gloo) through accelerate launch; both must agree on the stop step."""
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "l2l_peft.pretrain", str(config_path),
+        "--output", str(out), "--steps", "2", "--cpu", "--log-level", "WARNING",
+    ]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 2 and "2 x CPU" in (out / "README.md").read_text()
