@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from importlib import metadata
@@ -106,6 +107,13 @@ def test_resume_skips_finished_rows(one_process_run, npz_dir, vit_dir, tmp_path)
     assert not any(r["error"] for r in read_rows(out / RESULTS))
 
 
+def _free_port() -> int:
+    """A port no other test run is using: parallel runs must not meet on accelerate's default 29500."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_two_processes_match_one(one_process_run, npz_dir, vit_dir, tmp_path):
     """accelerate launch with 2 CPU processes (gloo) gives the rows of 1 process, from both ranks."""
     config = tmp_path / "tiny.yaml"
@@ -113,6 +121,7 @@ def test_two_processes_match_one(one_process_run, npz_dir, vit_dir, tmp_path):
     out = tmp_path / "two"
     launch = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--main_process_port", str(_free_port()),
         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "l2l_peft.experiments", str(config), "--output", str(out),
     ]  # fmt: skip
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
