@@ -331,7 +331,7 @@ def main() -> None:
     parser.add_argument("--models", type=Path, default=Path("/tmp/bench_models"))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="tiny models and steps (checks the script, not speed)")
-    parser.add_argument("--only", default="", help="run only rows whose name contains this")
+    parser.add_argument("--only", default="", help="comma-separated: run only rows whose name contains one of these")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     size = 32 if args.smoke else 224
@@ -339,7 +339,7 @@ def main() -> None:
     peak = matmul_peak(256 if args.smoke else 8192)
     print(f"{device}: matmul peak {peak:.0f} TFLOP/s", flush=True)
     adapt_rows, ref_rows, cli_rows = plan(args.smoke)
-    pick = lambda rows: [r for r in rows if args.only in r[0]]  # noqa: E731
+    pick = lambda rows: [r for r in rows if any(k in r[0] for k in args.only.split(","))]  # noqa: E731
     dirs = {arch: save_model(arch, args.models, size) for arch in dict.fromkeys(r[1] for r in adapt_rows + ref_rows + cli_rows)}
     for arch, directory in dirs.items():  # warm-up: CUDA context, cuBLAS handles, the cached pristine backbone
         api.run(load_task(make_task(10, 10, size)), model=str(directory), max_steps=2, min_steps=2)
