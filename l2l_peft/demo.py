@@ -30,7 +30,8 @@ def sample_dev_task(data_dir: Path, dataset: str, shots: int, seed: int) -> tupl
     from .experiments.sampling import sample_task
 
     ds = load_npz_dir(data_dir, include=[dataset])[dataset]
-    pool = torch.arange(len(ds)) if ds.split is None else (ds.split != 2).nonzero()[:, 0]
+    # the test split: the shipped backbone was pretrained on the other splits of these datasets
+    pool = torch.arange(len(ds)) if ds.split is None else (ds.split == 2).nonzero()[:, 0]
     support, query = sample_task(ds.labels, ds.target, pool, shots=shots, query_per_class=10, seed=seed)
     images = to_challenge(ds.images[torch.cat([support, query])])
     labels = ds.labels[torch.cat([support, query])]
