@@ -18,14 +18,13 @@ import torch
 from accelerate.state import AcceleratorState
 from torchcross.data.task import TaskTarget
 
-from .api import AdaptResult, init_head, run
-from .backbone import BackboneError, load_backbone
-from .config import AdaptConfig, Method, Precision
-from .head import Classifier, Head
-from .predict import predict
-from .targets import build_objective, output_size
+from .api import AdaptResult, run
+from .backbone import BackboneError
+from .config import AdaptConfig, Precision
+from .frozen import Frozen, run_frozen
+from .targets import output_size
 from .task import TaskData
-from .train import TrainingError, make_accelerator
+from .train import TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -94,19 +93,9 @@ def check(probabilities: torch.Tensor, data: TaskData) -> None:
         raise ValueError("predictions contain NaN or inf")
 
 
-@torch.no_grad()
 def prototype_result(data: TaskData, config: AdaptConfig) -> AdaptResult:
     """Frozen features, head set to the nearest-mean rule of the support (no training)."""
-    if data.target is TaskTarget.REGRESSION:
-        raise ValueError("prototypes do not apply to regression")
-    config = dataclasses.replace(config.with_env(), method=Method.HEAD)
-    accelerator = make_accelerator(config)
-    extractor = load_backbone(config.model, config.cache_dir)
-    objective = build_objective(data.target, data.classes, data.support_labels)
-    model = Classifier(extractor, Head(extractor.feature_dim, objective.n_logits)).to(accelerator.device)
-    init_head(model, objective, data.support_images, data.support_labels, accelerator=accelerator, batch_size=config.predict_batch_size)
-    probs = predict(model, objective, data.query_images, accelerator=accelerator, batch_size=config.predict_batch_size)
-    return AdaptResult(probs, config, precision=accelerator.mixed_precision)
+    return run_frozen(data, config, Frozen.PROTOTYPES)
 
 
 def class_prior(data: TaskData) -> torch.Tensor:
