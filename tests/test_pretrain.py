@@ -124,3 +124,19 @@ def test_two_process_launch(config_path, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 2 and "2 x CPU" in (out / "README.md").read_text()
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "hf_cache" / "l2l-vit-tiny-med"
+
+
+@pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(), reason="shipped backbone not in this checkout")
+def test_shipped_backbone_is_the_offline_default():
+    from l2l_peft.backbone import load_backbone, resolve_model
+
+    assert resolve_model(None, None).location == str(SHIPPED)
+    assert (SHIPPED / "model.safetensors").stat().st_size <= 15 * 2**20
+    extractor = load_backbone()
+    assert extractor.input_size == 224 and extractor.feature_dim == 384
+    assert next(extractor.parameters()).dtype == torch.float32
+    features = extractor(torch.zeros(2, 1, 28, 28))  # gray, native size: preprocess repeats and resizes
+    assert features.shape == (2, 384) and bool(torch.isfinite(features).all())
