@@ -5,7 +5,8 @@
 
 DIR then holds config.json, model.safetensors, preprocessor_config.json and README.md (the
 model card) for adapt(model=DIR) / `prefetch.py --model DIR`, plus checkpoint/ (rerunning the
-same command resumes from it) and log.jsonl (loss and throughput).
+same command resumes from it; `--stop-at STEP` splits one schedule over several jobs) and
+log.jsonl (loss and throughput).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="override the number of steps")
     parser.add_argument("--max-minutes", type=float, help="override the training time budget")
     parser.add_argument("--seed", type=int, help="override the seed")
+    parser.add_argument("--stop-at", type=int, help="end this run at this step, schedule unchanged; rerun to continue")
     parser.add_argument("--cpu", action="store_true", default=None, help="train on the CPU")
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     accelerator = accelerator_for(config)
     try:
-        result = pretrain(config, args.output, accelerator=accelerator, resume=args.resume)
+        result = pretrain(config, args.output, accelerator=accelerator, resume=args.resume, stop_at=args.stop_at)
     except ValueError as err:  # data selection or checkpoint mismatch: the message says the fix
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -77,8 +77,14 @@ class PretrainResult:
     datasets: list[LabelledDataset]  # what was trained on (test rows removed)
 
 
-def pretrain(config: PretrainConfig, output: Path, *, accelerator: Accelerator, resume: bool = True) -> PretrainResult:
-    """Train, or continue training from output/checkpoint, until the steps or the time budget are used up."""
+def pretrain(
+    config: PretrainConfig, output: Path, *, accelerator: Accelerator, resume: bool = True, stop_at: int | None = None
+) -> PretrainResult:
+    """Train, or continue from output/checkpoint, until the steps or the time budget are used up.
+
+    `stop_at` ends this invocation at that step without changing the schedule (jobs with a
+    wall-clock limit): rerunning the command continues exactly where it stopped.
+    """
     output.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)
     datasets = load_sources(config)
@@ -113,7 +119,8 @@ def pretrain(config: PretrainConfig, output: Path, *, accelerator: Accelerator, 
     bar = tqdm(total=config.steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="pretrain")
     start, seconds0, window = time.monotonic(), progress.seconds, (time.monotonic(), progress.step)
     elapsed = seconds0  # synchronised across processes at log steps, so all stop at the same step
-    while progress.step < config.steps and elapsed < budget:
+    last = min(config.steps, stop_at if stop_at is not None else config.steps)
+    while progress.step < last and elapsed < budget:
         step = progress.step
         fraction = max(step / max(1, config.steps), elapsed / budget)
         for group in optimizer.param_groups:
