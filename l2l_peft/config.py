@@ -62,7 +62,7 @@ class AdaptConfig:
     max_steps: int = _help("upper bound on optimisation steps", default=100)
     time_budget: float | None = _help(
         "wall-clock seconds for the whole adapt() call; training stops early to leave time for "
-        "prediction; default: $L2L_PEFT_TIME_BUDGET, else unlimited",
+        "prediction; default: $L2L_PEFT_TIME_BUDGET, else unlimited (the CLI: 600 s for the whole process)",
         default=None,
     )
     seed: int = _help("seed for head/adapter init, batch order and augmentation", default=0)
