@@ -9,6 +9,7 @@ we load them with `weights_only=True` instead.
 
 from __future__ import annotations
 
+import enum
 import io
 import logging
 import pickle
@@ -52,6 +53,13 @@ def _load_storage_safely(blob: bytes) -> Any:
         raise TaskError(f"a tensor blob in the task pickle is not a plain tensor storage ({err})") from err
 
 
+def _enum_member(cls: Any, name: str) -> Any:
+    """`getattr` as some Python 3.11 releases (bookworm's 3.11.2) pickle enum members, by name: enum lookups only."""
+    if isinstance(cls, type) and issubclass(cls, enum.Enum) and isinstance(name, str) and name in cls.__members__:
+        return cls[name]
+    raise TaskError(f"task pickle calls getattr({cls!r}, {name!r}); only enum members are allowed (refused)")
+
+
 def _numpy_globals() -> dict[tuple[str, str], Any]:
     from numpy.core import multiarray  # noqa: F401  (old pickles name numpy.core)
 
@@ -73,6 +81,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice,
+    ("builtins", "getattr"): _enum_member,
     ("torchcross.data.task", "Task"): _LegacyTask,
     ("torchcross.data.task", "TaskDescription"): TaskDescription,
     ("torchcross.data.task", "TaskTarget"): TaskTarget,

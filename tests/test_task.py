@@ -49,6 +49,26 @@ def test_payload_nested_in_tensor_blob_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def test_enum_pickled_by_name_loads(monkeypatch):
+    """Python 3.11.2 (Debian bookworm) pickles enum members as builtins.getattr(TaskTarget, name)."""
+    monkeypatch.setattr(TaskTarget, "__reduce_ex__", lambda self, protocol: (getattr, (type(self), self.name)))
+    task, _ = make_task(TaskTarget.BINARY_CLASSIFICATION)
+    data = pickle.dumps(task)
+    assert b"getattr" in data
+    assert load_task(data).target is TaskTarget.BINARY_CLASSIFICATION
+
+
+def test_getattr_other_than_enum_member_is_refused():
+    class Probe:
+        def __reduce__(self):
+            return (getattr, (set, "__subclasses__"))
+
+    task, _ = make_task()
+    task.description.task_identifier = Probe()
+    with pytest.raises(TaskError, match="only enum members"):
+        load_task(pickle.dumps(task))
+
+
 @pytest.mark.parametrize("data", [b"", b"not a pickle", pickle.dumps({"x": 1})[:-3]])
 def test_garbage_bytes(data):
     with pytest.raises(TaskError):
