@@ -11,6 +11,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torchcross.data.task import Task, TaskDescription, TaskTarget  # noqa: E402
@@ -122,3 +123,23 @@ def old_layout(task: Task) -> Task:
 def write_task(task: Task, path: Path) -> Path:
     path.write_bytes(pickle.dumps(task))
     return path
+
+
+def save_npz_dataset(
+    root: Path, name: str, images: np.ndarray, labels: np.ndarray, task: str, split: np.ndarray | None = None, **meta
+) -> None:
+    """One dataset in the development-data npz layout, registered in root/manifest.json."""
+    arrays = {"images": images, "labels": labels} | ({} if split is None else {"split": split.astype(np.int8)})
+    np.savez(root / f"{name}.npz", **arrays)
+    manifest_path = root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    n_classes = labels.shape[1] if labels.ndim == 2 else int(labels.max()) + 1
+    names = "abc" if task == "multiclass" else "xyz"
+    manifest[name] = {"task": task, "class_names": {str(i): names[i] for i in range(n_classes)}, **meta}
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def level_images(levels: np.ndarray, shape: tuple[int, ...], step: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 images whose brightness follows `levels` (one per image), plus noise."""
+    spread = levels.reshape(len(levels), *[1] * len(shape))
+    return (spread * step + rng.integers(0, 40, (len(levels), *shape))).astype(np.uint8)

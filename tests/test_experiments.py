@@ -18,7 +18,7 @@ import torch
 import yaml
 from torchcross.data.task import TaskTarget
 
-from conftest import make_task, write_task
+from conftest import level_images, make_task, save_npz_dataset, write_task
 from l2l_peft.experiments.config import SuiteConfig, parse_config
 from l2l_peft.experiments.methods import Kind, MethodSpec, build_variants, expand
 from l2l_peft.experiments.metrics import task_metrics
@@ -39,16 +39,10 @@ def npz_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
     labels = np.arange(60) % 3
-    gray = (labels[:, None, None] * 100 + rng.integers(0, 40, (60, 12, 12))).astype(np.uint8)
-    np.savez(root / "shapes.npz", images=gray, labels=labels, split=np.where(np.arange(60) < 45, 0, 2).astype(np.int8))
+    save_npz_dataset(root, "shapes", level_images(labels, (12, 12), 100, rng), labels, "multiclass", np.where(np.arange(60) < 45, 0, 2))
     multi = rng.integers(0, 2, (60, 3))
     rgb = (multi[:, None, None, :] * 150 + rng.integers(0, 40, (60, 12, 12, 3))).astype(np.uint8)
-    np.savez(root / "cells.npz", images=rgb, labels=multi)
-    manifest = {
-        "shapes": {"task": "multiclass", "class_names": {"0": "a", "1": "b", "2": "c"}},
-        "cells": {"task": "multilabel", "class_names": {"0": "x", "1": "y", "2": "z"}},
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    save_npz_dataset(root, "cells", rgb, multi, "multilabel")
     return root
 
 

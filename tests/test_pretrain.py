@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from conftest import make_task
+from conftest import level_images, make_task, save_npz_dataset
 from l2l_peft import adapt
 from l2l_peft.pretrain.__main__ import main
 from l2l_peft.pretrain.augment import StrongAugment
@@ -30,15 +30,9 @@ def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("npz")
     rng = np.random.default_rng(0)
     labels = np.arange(30) % 3
-    gray = (labels[:, None, None] * 80 + rng.integers(0, 40, (30, 16, 16))).astype(np.uint8)
-    split = np.array([0] * 20 + [2] * 10, dtype=np.int8)
-    np.savez(root / "gray_mc.npz", images=gray, labels=labels, split=split)
-    np.savez(root / "rgb_ml.npz", images=rng.integers(0, 255, (12, 20, 24, 3), dtype=np.uint8), labels=rng.integers(0, 2, (12, 3)))
-    manifest = {
-        "gray_mc": {"task": "multiclass", "class_names": {"0": "a", "1": "b", "2": "c"}, "domain": "synthetic gray"},
-        "rgb_ml": {"task": "multilabel", "class_names": {"0": "x", "1": "y", "2": "z"}},
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    split = np.array([0] * 20 + [2] * 10)
+    save_npz_dataset(root, "gray_mc", level_images(labels, (16, 16), 80, rng), labels, "multiclass", split, domain="synthetic gray")
+    save_npz_dataset(root, "rgb_ml", rng.integers(0, 255, (12, 20, 24, 3), dtype=np.uint8), rng.integers(0, 2, (12, 3)), "multilabel")
     return root
 
 
