@@ -22,7 +22,7 @@ from conftest import level_images, make_task, save_npz_dataset, write_task
 from l2l_peft.experiments.config import SuiteConfig, parse_config
 from l2l_peft.experiments.methods import Kind, MethodSpec, build_variants, expand
 from l2l_peft.experiments.metrics import task_metrics
-from l2l_peft.experiments.results import RESULTS, bootstrap, read_rows
+from l2l_peft.experiments.results import RESULTS, bootstrap, paired_differences, read_rows
 from l2l_peft.experiments.runner import run_experiment
 from l2l_peft.experiments.sampling import sample_task
 from l2l_peft.experiments.sources import medimeta_source
@@ -80,11 +80,28 @@ def test_tiny_suite_end_to_end(one_process_run):
     assert {r["target_type"] for r in rows} == {"multiclass_classification", "binary_classification", "multilabel_classification"}
     summary = (one_process_run / "summary.md").read_text()
     assert "### shapes / b-vs-rest" in summary and "| lora |" in summary
+    assert "lora minus each method, paired by task" in summary and "| probe | " in summary.split("paired by task")[1]
     for name in PLOTS:
         assert (one_process_run / name).read_bytes()[:4] == b"\x89PNG"
     resolved = json.loads((one_process_run / "config.resolved.json").read_text())
     assert resolved["versions"]["torch"] == metadata.version("torch") and resolved["num_processes"] == 1
     assert resolved["variants"]["lora"]["max_steps"] == 3 and "git_commit" in resolved
+
+
+def test_paired_differences_pair_by_task():
+    def row(task: str, variant: str, auroc: float, error: str | None = None) -> dict:
+        return {"task": task, "variant": variant, "shots": 5, "error": error, "metrics": {"auroc": auroc}}
+
+    rows = [row("t0", "ours", 0.9), row("t0", "probe", 0.7), row("t1", "ours", 0.6), row("t1", "probe", 0.5)]
+    rows += [row("t2", "ours", 0.8), row("t3", "probe", 0.1), row("t4", "ours", 0.9), row("t4", "probe", 0.0, "boom")]
+    diffs = paired_differences(rows, "auroc", "ours", resamples=200)
+    assert list(diffs) == [("probe", 5)]  # t2, t3: unpaired; t4: failed row
+    assert diffs[("probe", 5)].n == 2 and math.isclose(diffs[("probe", 5)].mean, 0.15)
+
+
+def test_unknown_reference_is_refused(npz_dir, vit_dir, tmp_path):
+    with pytest.raises(ValueError, match="reference 'nope' is not a variant"):
+        run_experiment(parse_config(_config(npz_dir, vit_dir) | {"reference": "nope"}), tmp_path)
 
 
 def test_resume_skips_finished_rows(one_process_run, npz_dir, vit_dir, tmp_path):

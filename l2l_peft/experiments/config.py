@@ -58,6 +58,7 @@ class ExperimentConfig:
     defaults: dict[str, Any] = field(default_factory=dict)  # AdaptConfig overrides under every method's own
     bootstrap: int = 1000  # resamples for the 95% confidence intervals
     metric: str = "auroc"  # the headline metric of summary.md and the plots
+    reference: str | None = None  # variant that summary.md's paired differences compare against (None: the first)
 
     def __post_init__(self) -> None:
         if not self.methods:

@@ -87,3 +87,19 @@ def aggregate(rows: list[dict[str, Any]], names: list[str], *, resamples: int, b
         if not row.get("error"):
             groups[tuple(row[k] for k in by)].append(row)
     return {g: {n: bootstrap([value(r, n) for r in rs], resamples=resamples) for n in names} for g, rs in groups.items()}
+
+
+def paired_differences(rows: list[dict[str, Any]], metric: str, reference: str, *, resamples: int) -> dict[tuple, Aggregate]:
+    """{(variant, shots): reference minus variant}, over the tasks where both have a finite value.
+
+    Pairing by task removes the task-to-task spread that dominates few-shot scores, so these
+    intervals are much narrower than the difference of two unpaired means.
+    """
+    scores: dict[tuple[str, str], float] = {row_key(r): value(r, metric) for r in rows if not r.get("error")}
+    diffs: dict[tuple, list[float]] = defaultdict(list)
+    for row in rows:
+        ref = scores.get((row["task"], reference))
+        mine = scores.get(row_key(row))
+        if row["variant"] != reference and ref is not None and mine is not None and math.isfinite(ref - mine):
+            diffs[(row["variant"], row["shots"])].append(ref - mine)
+    return {g: bootstrap(d, resamples=resamples) for g, d in diffs.items()}

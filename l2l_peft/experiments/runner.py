@@ -128,6 +128,8 @@ def run_experiment(config: ExperimentConfig, output: Path) -> Path:
     base = make_config(base, **config.defaults)
     accelerator = make_accelerator(base)
     variants = build_variants(config.methods, base)
+    if config.reference is not None and config.reference not in {v.name for v in variants}:
+        raise ValueError(f"reference {config.reference!r} is not a variant; variants: {[v.name for v in variants]}")
     suite = Suite(config.suite)
     results = output / RESULTS
     if accelerator.is_main_process:
@@ -153,7 +155,7 @@ def run_experiment(config: ExperimentConfig, output: Path) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         rows = read_rows(results)
-        write_summary(rows, output / "summary.md", metric=config.metric, resamples=config.bootstrap)
+        write_summary(rows, output / "summary.md", metric=config.metric, resamples=config.bootstrap, reference=config.reference)
         write_plots(rows, output, metric=config.metric, resamples=config.bootstrap)
     return results
 

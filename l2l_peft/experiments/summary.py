@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .results import aggregate
+from .results import aggregate, paired_differences
 
 METRICS = ["auroc", "accuracy", "balanced_accuracy", "mae", "qwk", "mse"]
 TIMINGS = ["adapt_s", "predict_s", "peak_gpu_mb"]
@@ -35,6 +35,25 @@ def headline(rows: list[dict[str, Any]], metric: str, resamples: int) -> list[st
     return lines
 
 
+def _by_shots(stats: dict[tuple, object], cell) -> list[str]:
+    """Variants down, shots across, from {(variant, shots): value}."""
+    variants = list(dict.fromkeys(v for v, _ in stats))
+    shots = sorted(dict.fromkeys(s for _, s in stats), key=lambda s: -1 if s is None else s)
+    body = [[v] + [cell(stats[(v, s)]) if (v, s) in stats else "–" for s in shots] for v in variants]
+    return _table(["method"] + [f"{_shots(s)}-shot" for s in shots], body)
+
+
+def suite_means(rows: list[dict[str, Any]], metric: str, resamples: int) -> list[str]:
+    """Mean over every task of the suite (all datasets and targets) per method x shots."""
+    stats = aggregate(rows, [metric], resamples=resamples, by=("variant", "shots"))
+    return _by_shots(stats, lambda agg: f"{agg[metric].format()} ({agg[metric].n})")
+
+
+def differences(rows: list[dict[str, Any]], metric: str, reference: str, resamples: int) -> list[str]:
+    stats = paired_differences(rows, metric, reference, resamples=resamples)
+    return _by_shots(stats, lambda agg: f"{agg.mean:+.3f} [{agg.low:+.3f}, {agg.high:+.3f}] ({agg.n})")
+
+
 def details(rows: list[dict[str, Any]], resamples: int) -> list[str]:
     names = [m for m in METRICS if any(m in (r.get("metrics") or {}) for r in rows)] + TIMINGS
     stats = aggregate(rows, names, resamples=resamples)
@@ -45,14 +64,24 @@ def details(rows: list[dict[str, Any]], resamples: int) -> list[str]:
     return _table(["method", "dataset", "target", "shots", "tasks"] + names, body)
 
 
-def write_summary(rows: list[dict[str, Any]], path: Path, *, metric: str, resamples: int) -> None:
+def write_summary(rows: list[dict[str, Any]], path: Path, *, metric: str, resamples: int, reference: str | None = None) -> None:
+    """reference: the variant the paired differences start from (default: the first in the rows)."""
     failed = [r for r in rows if r.get("error")]
+    reference = reference or (rows[0]["variant"] if rows else "")
     lines = [
         "# Experiment summary",
         "",
         f"{len(rows) - len(failed)} finished rows, {len(failed)} failed. Cells: mean over tasks [95% bootstrap CI].",
         "",
-        f"## {metric}",
+        f"## {metric}: suite mean (tasks)",
+        "",
+        *suite_means(rows, metric, resamples),
+        "",
+        f"## {metric}: {reference} minus each method, paired by task (tasks)",
+        "",
+        *differences(rows, metric, reference, resamples),
+        "",
+        f"## {metric} per dataset",
         "",
         *headline(rows, metric, resamples),
         "## All metrics and timings (seconds per task, peak GPU MiB)",
