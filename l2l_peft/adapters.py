@@ -8,6 +8,7 @@ Linear layers, never hard-coded per architecture.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable
 
 from torch import nn
@@ -98,7 +99,9 @@ def apply_method(backbone_model: nn.Module, config: AdaptConfig) -> nn.Module:
             targets = [t for t in found if _role(t) in ("k", "v", "qkv") or t.endswith(("fc2", "mlp.output.dense"))]
         else:
             targets = find_target_modules(backbone_model, config.lora_targets, config.lora_last_blocks)
-        return peft.get_peft_model(backbone_model, _peft_config(config, targets))
+        with warnings.catch_warnings():  # peft probes a property that transformers 5 deprecates: noise in every log
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            return peft.get_peft_model(backbone_model, _peft_config(config, targets))
     match method:
         case Method.BITFIT:
             for name, param in backbone_model.named_parameters():
