@@ -30,7 +30,7 @@ from l2l_peft.experiments.suites import Suite
 from l2l_peft.config import AdaptConfig, Method
 
 REPO = Path(__file__).resolve().parent.parent
-PLOTS = ["auroc_vs_shots.png", "auroc_per_dataset.png", "time_per_task.png"]
+PLOTS = ["auroc_vs_shots.png", "auroc_per_dataset.png", "time_per_task.png", "auroc_vs_cost.png"]
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,7 @@ def test_tiny_suite_end_to_end(one_process_run):
     assert {r["target_type"] for r in rows} == {"multiclass_classification", "binary_classification", "multilabel_classification"}
     summary = (one_process_run / "summary.md").read_text()
     assert "### shapes / b-vs-rest" in summary and "| lora |" in summary
+    assert "## Cost" in summary and "trainable parameters (mean)" in summary
     assert "lora minus each method, paired by task" in summary and "| probe | " in summary.split("paired by task")[1]
     for name in PLOTS:
         assert (one_process_run / name).read_bytes()[:4] == b"\x89PNG"

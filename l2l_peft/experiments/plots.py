@@ -1,4 +1,4 @@
-"""PNG plots of a results file: metric vs shots per method, per-dataset bars, time per task."""
+"""PNG plots of a results file: metric vs shots per method, per-dataset bars, time per task, metric vs cost."""
 
 from __future__ import annotations
 
@@ -78,9 +78,28 @@ def time_per_task(rows: list[dict[str, Any]], path: Path, *, resamples: int) -> 
     plt.close(fig)
 
 
+def metric_vs_cost(rows: list[dict[str, Any]], path: Path, *, metric: str, resamples: int) -> None:
+    """One line per variant: its score over all tasks, labelled with what it costs (parameters, time)."""
+    agg = aggregate(rows, [metric, "adapt_s", "trainable_parameters"], resamples=resamples, by=("variant",))
+    shown = [(v, a) for (v,), a in agg.items() if a[metric].n][::-1]  # first variant on top
+    labels = [
+        f"{v} ({a['trainable_parameters'].mean / 1e3:,.1f}k params, {a['adapt_s'].mean:.1f} s)" if a["trainable_parameters"].n else v
+        for v, a in shown
+    ]
+    fig, ax = plt.subplots(figsize=(7, 1.5 + 0.35 * len(shown)))
+    ax.errorbar([a[metric].mean for _, a in shown], range(len(shown)), xerr=_errors([a[metric] for _, a in shown]), fmt="o", capsize=3)
+    ax.set_yticks(range(len(shown)), labels=labels, fontsize=8)
+    ax.set(xlabel=f"{metric} (mean over all tasks, 95% CI)", title=f"{metric} and cost per method")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_plots(rows: list[dict[str, Any]], directory: Path, *, metric: str, resamples: int) -> list[Path]:
-    paths = [directory / f"{metric}_vs_shots.png", directory / f"{metric}_per_dataset.png", directory / "time_per_task.png"]
+    paths = [directory / f"{metric}_vs_shots.png", directory / f"{metric}_per_dataset.png", directory / "time_per_task.png", directory / f"{metric}_vs_cost.png"]
     metric_vs_shots(rows, paths[0], metric=metric, resamples=resamples)
     per_dataset(rows, paths[1], metric=metric, resamples=resamples)
     time_per_task(rows, paths[2], resamples=resamples)
+    metric_vs_cost(rows, paths[3], metric=metric, resamples=resamples)
     return paths

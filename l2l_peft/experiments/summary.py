@@ -54,6 +54,16 @@ def differences(rows: list[dict[str, Any]], metric: str, reference: str, resampl
     return _by_shots(stats, lambda agg: f"{agg.mean:+.3f} [{agg.low:+.3f}, {agg.high:+.3f}] ({agg.n})")
 
 
+def costs(rows: list[dict[str, Any]], metric: str, resamples: int) -> list[str]:
+    """Per method over every task: the metric next to what it costs."""
+    stats = aggregate(rows, [metric, "adapt_s", "trainable_parameters"], resamples=resamples, by=("variant",))
+    body = [
+        [v, a[metric].format(), a["adapt_s"].format(2), f"{a['trainable_parameters'].mean:,.0f}" if a["trainable_parameters"].n else "–"]
+        for (v,), a in stats.items()
+    ]
+    return _table(["method", f"{metric} (all tasks)", "adapt s", "trainable parameters (mean)"], body)
+
+
 def details(rows: list[dict[str, Any]], resamples: int) -> list[str]:
     names = [m for m in METRICS if any(m in (r.get("metrics") or {}) for r in rows)] + TIMINGS
     stats = aggregate(rows, names, resamples=resamples)
@@ -80,6 +90,10 @@ def write_summary(rows: list[dict[str, Any]], path: Path, *, metric: str, resamp
         f"## {metric}: {reference} minus each method, paired by task (tasks)",
         "",
         *differences(rows, metric, reference, resamples),
+        "",
+        "## Cost",
+        "",
+        *costs(rows, metric, resamples),
         "",
         f"## {metric} per dataset",
         "",
