@@ -115,6 +115,8 @@ def test_resume_skips_finished_rows(one_process_run, npz_dir, vit_dir, tmp_path)
     after = (out / RESULTS).read_text().splitlines()
     assert len(after) == len(lines) - 2 + 3  # only the missing and the failed rows ran again
     new = [json.loads(line) for line in after[-3:]]
+    history = [json.loads(line) for line in (out / "config.history.jsonl").read_text().splitlines()]
+    assert [h["tasks_to_run"] for h in history] == [8, len({r["task"] for r in new})]  # first run, then this resume
     assert {(r["task"], r["variant"]) for r in new} == {(json.loads(line)["task"], json.loads(line)["variant"]) for line in [lines[0]] + lines[-2:]}
     assert not any(r["error"] for r in read_rows(out / RESULTS))
 

@@ -122,6 +122,9 @@ def resolved_config(config: ExperimentConfig, variants: list[Variant], base: Ada
     }
 
 
+HISTORY = "config.history.jsonl"
+
+
 def run_experiment(config: ExperimentConfig, output: Path) -> Path:
     """Run (or resume) the experiment into `output`; returns the results file."""
     base = AdaptConfig(model=config.model, cache_dir=config.cache_dir, precision=config.precision, cpu=config.cpu)
@@ -141,6 +144,8 @@ def run_experiment(config: ExperimentConfig, output: Path) -> Path:
     if accelerator.is_main_process:
         resolved = resolved_config(config, variants, base, accelerator, len(suite.specs))
         (output / "config.resolved.json").write_text(json.dumps(resolved, indent=2, default=str))
+        with (output / HISTORY).open("a") as f:  # every invocation, so resumed rows keep their provenance
+            f.write(json.dumps(resolved | {"tasks_to_run": len(todo)}, default=str) + "\n")
         logger.info("%d tasks x %d variants; %d tasks to run on %d process(es)", len(suite.specs), len(variants), len(todo), accelerator.num_processes)
     world, rank = accelerator.num_processes, accelerator.process_index
     progress = tqdm(total=len(todo), desc="tasks", disable=not accelerator.is_main_process)
