@@ -119,6 +119,8 @@ def test_resume_skips_finished_rows(one_process_run, npz_dir, vit_dir, tmp_path)
     assert [h["tasks_to_run"] for h in history] == [8, len({r["task"] for r in new})]  # first run, then this resume
     assert {(r["task"], r["variant"]) for r in new} == {(json.loads(line)["task"], json.loads(line)["variant"]) for line in [lines[0]] + lines[-2:]}
     assert not any(r["error"] for r in read_rows(out / RESULTS))
+    # the retried first row now comes last in the file: the reference is still the config's first method
+    assert "lora minus each method, paired by task" in (out / "summary.md").read_text()
 
 
 def _free_port() -> int:

@@ -133,6 +133,7 @@ def run_experiment(config: ExperimentConfig, output: Path) -> Path:
     variants = build_variants(config.methods, base)
     if config.reference is not None and config.reference not in {v.name for v in variants}:
         raise ValueError(f"reference {config.reference!r} is not a variant; variants: {[v.name for v in variants]}")
+    reference = config.reference or variants[0].name  # from the config, not the row order a resume may shuffle
     suite = Suite(config.suite)
     results = output / RESULTS
     if accelerator.is_main_process:
@@ -160,7 +161,7 @@ def run_experiment(config: ExperimentConfig, output: Path) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         rows = read_rows(results)
-        write_summary(rows, output / "summary.md", metric=config.metric, resamples=config.bootstrap, reference=config.reference)
+        write_summary(rows, output / "summary.md", metric=config.metric, resamples=config.bootstrap, reference=reference)
         write_plots(rows, output, metric=config.metric, resamples=config.bootstrap)
     return results
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ def headline(rows: list[dict[str, Any]], metric: str, resamples: int) -> list[st
     return lines
 
 
-def _by_shots(stats: dict[tuple, object], cell) -> list[str]:
+def _by_shots(stats: dict[tuple, Any], cell: Callable[[Any], str]) -> list[str]:
     """Variants down, shots across, from {(variant, shots): value}."""
     variants = list(dict.fromkeys(v for v, _ in stats))
     shots = sorted(dict.fromkeys(s for _, s in stats), key=lambda s: -1 if s is None else s)
@@ -74,10 +75,9 @@ def details(rows: list[dict[str, Any]], resamples: int) -> list[str]:
     return _table(["method", "dataset", "target", "shots", "tasks"] + names, body)
 
 
-def write_summary(rows: list[dict[str, Any]], path: Path, *, metric: str, resamples: int, reference: str | None = None) -> None:
-    """reference: the variant the paired differences start from (default: the first in the rows)."""
+def write_summary(rows: list[dict[str, Any]], path: Path, *, metric: str, resamples: int, reference: str) -> None:
+    """reference: the variant the paired differences start from."""
     failed = [r for r in rows if r.get("error")]
-    reference = reference or (rows[0]["variant"] if rows else "")
     lines = [
         "# Experiment summary",
         "",
