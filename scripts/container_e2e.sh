@@ -11,9 +11,9 @@
 # command verbatim on a generated 224x224 task, checks the output pickle and runs `apptainer test`.
 #
 # Every call uses --fakeroot (as the evaluation command does): root in a container host may lack
-# capabilities that apptainer's setuid path asks for. Needs root, Debian's mirror and pip's index (or a local wheelhouse via PIP_DOWNLOAD_ARGS, e.g.
-# "--index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple"
-# where plain PyPI would give the CUDA torch build). Without an apptainer on PATH it installs
+# capabilities that apptainer's setuid path asks for. Needs root, Debian's mirror and pip's index
+# (or a local wheelhouse via PIP_DOWNLOAD_ARGS, e.g. "--index-url https://download.pytorch.org/whl/cpu
+# --extra-index-url https://pypi.org/simple" where plain PyPI would give the CUDA torch build). Without an apptainer on PATH it installs
 # Debian sid's apptainer 1.4.5 on a bookworm host: sid's build needs glibc >= 2.38 (bookworm has
 # 2.36), so its two binaries are pointed at sid's libc, unpacked under /opt/sidlibc, with patchelf.
 set -euo pipefail
