@@ -100,6 +100,20 @@ def test_paired_differences_pair_by_task():
     assert diffs[("probe", 5)].n == 2 and math.isclose(diffs[("probe", 5)].mean, 0.15)
 
 
+def test_dataset_placeholder_picks_a_backbone_per_dataset(npz_dir, vit_dir, tmp_path):
+    """Leave-one-dataset-out: `{dataset}` in a param names each task's own backbone."""
+    models = tmp_path / "loo"
+    models.mkdir()
+    (models / "shapes").symlink_to(vit_dir, target_is_directory=True)  # no backbone for `cells`
+    raw = _config(npz_dir, vit_dir) | {"methods": [{"name": "probe", "kind": "linear_probe", "params": {"model": str(models / "{dataset}")}}]}
+    raw["suite"] = raw["suite"] | {"tasks": 1}
+    rows = read_rows(run_experiment(parse_config(raw), tmp_path / "run"))
+    errors = {r["dataset"]: r["error"] for r in rows}
+    assert errors["shapes"] is None
+    assert "loo/cells" in errors["cells"] and "{dataset}" not in errors["cells"]
+    assert rows[0]["params"]["model"].endswith("{dataset}")  # rows keep the config's own words
+
+
 def test_unknown_reference_is_refused(npz_dir, vit_dir, tmp_path):
     with pytest.raises(ValueError, match="reference 'nope' is not a variant"):
         run_experiment(parse_config(_config(npz_dir, vit_dir) | {"reference": "nope"}), tmp_path)

@@ -7,7 +7,9 @@ Every method uses the same backbone. Kinds:
                 augmentation, zero-initialised head (the loop's cosine decay stays)
   linear_probe  L2-regularised regression of the target's loss on frozen features (frozen.py)
   prototypes    nearest class mean on frozen features (frozen.py)
-Config precedence: YAML defaults < the kind's preset < params < grid values.
+Config precedence: YAML defaults < the kind's preset < params < grid values. A string param may
+name `{dataset}`, replaced by the task's dataset: `model: runs/loo/{dataset}` gives each dataset the
+backbone pretrained without it (leave-one-dataset-out).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ SEED_RECIPE: dict[str, Any] = dict(
     max_steps=100_000, min_steps=1, warmup_frac=0.0, augment=False, head_init="zero",
 )  # fmt: skip  -- weight_decay 0 makes AdamW plain Adam; max_steps so high that epochs decide
 PRESETS: dict[Kind, dict[str, Any]] = {Kind.SEED_RECIPE: SEED_RECIPE}
+DATASET = "{dataset}"  # placeholder in string params, replaced per task
 
 
 @dataclass
@@ -65,15 +68,16 @@ class Variant:
     kind: Kind
     params: dict[str, Any]  # params and grid values merged
 
-    def config(self, base: AdaptConfig, seed: int) -> tuple[AdaptConfig, ProbeConfig | None]:
+    def config(self, base: AdaptConfig, seed: int, dataset: str = DATASET) -> tuple[AdaptConfig, ProbeConfig | None]:
         """(AdaptConfig, probe settings): base < preset < params; the seed adds the task's."""
-        probe, overrides = probe_config(self.params) if self.kind is Kind.LINEAR_PROBE else (None, self.params)
+        params = {k: v.replace(DATASET, dataset) if isinstance(v, str) else v for k, v in self.params.items()}
+        probe, overrides = probe_config(params) if self.kind is Kind.LINEAR_PROBE else (None, params)
         preset = PRESETS.get(self.kind, {})
         config = make_config(make_config(base, **preset), **overrides)
         return make_config(config, seed=seed + config.seed), probe
 
-    def run(self, data: TaskData, base: AdaptConfig, *, seed: int) -> AdaptResult:
-        config, probe = self.config(base, seed)
+    def run(self, data: TaskData, base: AdaptConfig, *, seed: int, dataset: str) -> AdaptResult:
+        config, probe = self.config(base, seed, dataset)
         match self.kind:
             case Kind.ADAPT | Kind.SEED_RECIPE:
                 return run(data, config)

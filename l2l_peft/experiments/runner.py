@@ -72,7 +72,7 @@ def run_task(suite: Suite, spec: TaskSpec, variants: list[Variant], base: AdaptC
         )  # fmt: skip
         _peak_memory_mb(accelerator, reset=True)
         try:
-            result = variant.run(data, base, seed=spec.seed)
+            result = variant.run(data, base, seed=spec.seed, dataset=spec.dataset)
             row.update(
                 metrics=_finite_or_none(task_metrics(data.target, result.probabilities, labels)),
                 adapt_s=result.timings.get("adapt"), predict_s=result.timings.get("predict"), load_s=result.timings.get("load"),

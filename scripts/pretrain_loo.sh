@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Leave-one-dataset-out pretraining, the evidence of README "Does pretraining transfer?": for each
+# dataset D of the development data, the tiny ViT of configs/pretrain_tiny.yaml pretrained without D
+# (runs/loo/D), plus the random init of the same size (runs/random_vit_tiny, also the runs' start).
+#   scripts/pretrain_loo.sh [STEPS] [DATA_DIR]
+#   accelerate launch -m l2l_peft.experiments configs/pretrain_loo_eval.yaml --output runs/loo_eval
+# Runs go round-robin over the visible GPUs, all at once: one tiny ViT leaves an H100 mostly idle.
+set -euo pipefail
+steps=${1:-1500}
+data=${2:-../shared/data}
+gpus=$(python3 -c "import torch; print(max(1, torch.cuda.device_count()))")
+mkdir -p runs/loo
+python3 -m l2l_peft.pretrain configs/pretrain_tiny.yaml --npz-dir "$data" --output runs/random_vit_tiny --steps 0 --no-resume --log-level WARNING
+pids=() i=0
+for path in "$data"/*.npz; do
+  name=$(basename "$path" .npz)
+  CUDA_VISIBLE_DEVICES=$((i % gpus)) python3 -m l2l_peft.pretrain configs/pretrain_tiny.yaml --npz-dir "$data" \
+    --exclude "$name" --steps "$steps" --output "runs/loo/$name" --no-resume --log-level WARNING >"runs/loo/$name.log" 2>&1 &
+  pids+=($!) i=$((i + 1))
+done
+failed=0
+for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+tail -n 3 runs/loo/*.log
+exit $failed
