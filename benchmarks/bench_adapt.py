@@ -67,7 +67,8 @@ def make_task(n_support: int, n_query: int, size: int, seed: int = 0) -> Task:
     n = n_support + n_query
     images = torch.rand(n, 3, size, size, generator=g) * 2 - 1
     labels = torch.arange(n) % len(CLASSES)
-    pairs = list(zip(images, labels))
+    # own storage per image: a view pickles its whole parent tensor (550 x 330 MB for the CLI rows)
+    pairs = [(image.clone(), label.clone()) for image, label in zip(images, labels)]
     return Task(pairs[:n_support], pairs[n_support:], TaskDescription(TaskTarget.MULTICLASS_CLASSIFICATION, CLASSES, "bench"))
 
 

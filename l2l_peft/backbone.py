@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import use_flash_attention
+
 logger = logging.getLogger(__name__)
 
 REPO_CACHE = Path(__file__).resolve().parent.parent / "hf_cache"
@@ -209,6 +211,7 @@ def cast_frozen_matmuls(module: nn.Module, dtype: torch.dtype) -> int:
 @lru_cache(maxsize=2)
 def _load_pristine(source: ModelSource) -> FeatureExtractor:
     model, prep = load_hf_model(source)
+    use_flash_attention(model)
     extractor = FeatureExtractor(model, prep)
     extractor.requires_grad_(False)
     return extractor

@@ -76,3 +76,18 @@ def test_cuda_graph_trains_like_eager(vit_dir, target, last_blocks):
     eager = run(task, model=str(vit_dir), cuda_graphs=False, **common)
     assert graphed.train.final_loss == pytest.approx(eager.train.final_loss, rel=2e-2, abs=1e-3)
     torch.testing.assert_close(graphed.probabilities, eager.probabilities, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("family", ["vit", "dinov2", "clip", "siglip", "swin"])
+def test_attention_routing_keeps_every_family_output(model_dirs, family):
+    """load_backbone routes SDPA models through attention.flash_or_sdpa; off the GPU it must be SDPA exactly."""
+    from l2l_peft.backbone import load_hf_model, resolve_model
+
+    extractor = load_backbone(str(model_dirs[family])).eval()
+    plain, _ = load_hf_model(resolve_model(str(model_dirs[family]), None))
+    images = torch.rand(2, 3, extractor.input_size, extractor.input_size) * 2 - 1
+    with torch.no_grad():
+        routed = extractor.tokens(extractor.preprocess(images))[0]
+        reference = plain.eval()(pixel_values=extractor.preprocess(images)).last_hidden_state
+    torch.testing.assert_close(routed, reference)
+    assert plain.config._attn_implementation == "sdpa" and extractor.model.config._attn_implementation == "l2l_sdpa"

@@ -1,0 +1,61 @@
+"""Flash attention that stays flash inside CUDA-graph capture.
+
+SDPA chooses its kernel on every call. On the H100 (torch 2.11) it chose flash attention for
+eager steps but the math kernel (float32 bmm + softmax) while the training step was being
+captured, so every replayed step ran attention in float32 (benchmarks/trace_ops.py). Calling
+the flash kernel directly keeps it in the graph; inputs it does not take (CPU, float32, masks,
+head sizes it lacks) go through transformers' own SDPA path.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+NAME = "l2l_sdpa"  # a name with "flash" in it makes transformers look for the flash-attn package
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _flash_takes(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    return (
+        mask is None
+        and query.is_cuda
+        and query.dtype in _FLASH_DTYPES
+        and key.dtype == query.dtype
+        and query.shape[-1] % 8 == 0
+        and query.shape[-1] <= 256
+        and torch.cuda.get_device_capability(query.device) >= (8, 0)
+    )
+
+
+def flash_or_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                  **kwargs: Any) -> tuple[torch.Tensor, None]:  # fmt: skip
+    """transformers' attention-function signature: [B, H, S, D] in, [B, S, H, D] out."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if not _flash_takes(query, key, attention_mask):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    out = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout, False, False, scale=scaling)[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_flash_attention(model: nn.Module) -> bool:
+    """Route a model that runs SDPA through flash_or_sdpa; other implementations stay as they are."""
+    from transformers import AttentionInterface
+
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    AttentionInterface.register(NAME, flash_or_sdpa)
+    try:
+        model.set_attn_implementation(NAME)
+    except (ValueError, AttributeError) as err:  # a family that does not dispatch through the registry
+        logger.debug("keeping SDPA dispatch for %s: %s", type(model).__name__, err)
+        return False
+    return True
