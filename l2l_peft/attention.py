@@ -10,6 +10,7 @@ head sizes it lacks) go through transformers' own SDPA path.
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -29,8 +30,13 @@ def _flash_takes(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | No
         and key.dtype == query.dtype
         and query.shape[-1] % 8 == 0
         and query.shape[-1] <= 256
-        and torch.cuda.get_device_capability(query.device) >= (8, 0)
+        and _has_flash(query.device.index)
     )
+
+
+@lru_cache(maxsize=None)
+def _has_flash(device_index: int | None) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)  # flash kernels need Ampere or newer
 
 
 def flash_or_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -105,13 +105,14 @@ def test_dataset_placeholder_picks_a_backbone_per_dataset(npz_dir, vit_dir, tmp_
     models = tmp_path / "loo"
     models.mkdir()
     (models / "shapes").symlink_to(vit_dir, target_is_directory=True)  # no backbone for `cells`
-    raw = _config(npz_dir, vit_dir) | {"methods": [{"name": "probe", "kind": "linear_probe", "params": {"model": str(models / "{dataset}")}}]}
+    probe = {"name": "probe", "kind": "linear_probe", "params": {"model": str(models / "{dataset}")}}
+    raw = _config(npz_dir, vit_dir) | {"model": str(models / "{dataset}"), "methods": [probe, {"name": "prototypes", "kind": "prototypes"}]}
     raw["suite"] = raw["suite"] | {"tasks": 1}
     rows = read_rows(run_experiment(parse_config(raw), tmp_path / "run"))
-    errors = {r["dataset"]: r["error"] for r in rows}
-    assert errors["shapes"] is None
-    assert "loo/cells" in errors["cells"] and "{dataset}" not in errors["cells"]
-    assert rows[0]["params"]["model"].endswith("{dataset}")  # rows keep the config's own words
+    errors = {(r["dataset"], r["variant"]): r["error"] for r in rows}  # probe: from params; prototypes: from `model:`
+    assert errors[("shapes", "probe")] is None and errors[("shapes", "prototypes")] is None
+    assert all("loo/cells" in errors[("cells", v)] and "{dataset}" not in errors[("cells", v)] for v in ("probe", "prototypes"))
+    assert next(r for r in rows if r["variant"] == "probe")["params"]["model"].endswith("{dataset}")  # rows keep the config's words
 
 
 def test_unknown_reference_is_refused(npz_dir, vit_dir, tmp_path):

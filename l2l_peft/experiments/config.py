@@ -51,7 +51,7 @@ class SuiteConfig:
 class ExperimentConfig:
     suite: SuiteConfig
     methods: list[MethodSpec]
-    model: str | None = None  # backbone for every method (AdaptConfig.model)
+    model: str | None = None  # backbone for every method (AdaptConfig.model); `{dataset}` is filled per task
     cache_dir: str | None = None  # AdaptConfig.cache_dir
     precision: str = "auto"  # mixed precision of the one Accelerator (auto: bf16/fp16 on GPU, fp32 on CPU)
     cpu: bool = False  # force the CPU even with GPUs present

@@ -7,15 +7,15 @@ Every method uses the same backbone. Kinds:
                 augmentation, zero-initialised head (the loop's cosine decay stays)
   linear_probe  L2-regularised regression of the target's loss on frozen features (frozen.py)
   prototypes    nearest class mean on frozen features (frozen.py)
-Config precedence: YAML defaults < the kind's preset < params < grid values. A string param may
-name `{dataset}`, replaced by the task's dataset: `model: runs/loo/{dataset}` gives each dataset the
-backbone pretrained without it (leave-one-dataset-out).
+Config precedence: YAML defaults < the kind's preset < params < grid values. A string setting
+(the YAML's `model:` or a param) may name `{dataset}`, replaced by the task's dataset:
+`model: runs/loo/{dataset}` gives each dataset the backbone pretrained without it.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
@@ -70,11 +70,11 @@ class Variant:
 
     def config(self, base: AdaptConfig, seed: int, dataset: str = DATASET) -> tuple[AdaptConfig, ProbeConfig | None]:
         """(AdaptConfig, probe settings): base < preset < params; the seed adds the task's."""
-        params = {k: v.replace(DATASET, dataset) if isinstance(v, str) else v for k, v in self.params.items()}
-        probe, overrides = probe_config(params) if self.kind is Kind.LINEAR_PROBE else (None, params)
+        probe, overrides = probe_config(self.params) if self.kind is Kind.LINEAR_PROBE else (None, self.params)
         preset = PRESETS.get(self.kind, {})
         config = make_config(make_config(base, **preset), **overrides)
-        return make_config(config, seed=seed + config.seed), probe
+        filled = {f.name: v.replace(DATASET, dataset) for f in fields(config) if isinstance(v := getattr(config, f.name), str) and DATASET in v}
+        return make_config(config, seed=seed + config.seed, **filled), probe
 
     def run(self, data: TaskData, base: AdaptConfig, *, seed: int, dataset: str) -> AdaptResult:
         config, probe = self.config(base, seed, dataset)
