@@ -346,6 +346,8 @@ def main() -> None:
         api.run(load_task(make_task(10, 10, size)), model=str(directory), max_steps=2, min_steps=2)
 
     rows: list[Row] = []
+    command = "python benchmarks/bench_adapt.py " + " ".join(sys.argv[1:])
+    meta = {"device": device, "matmul_peak_tflops": peak, "command": command, "torch": torch.__version__}
 
     def record(name: str, measure) -> None:  # one failing row must not lose the others
         try:
@@ -353,6 +355,9 @@ def main() -> None:
             print(rows[-1], flush=True)
         except Exception as err:  # noqa: BLE001
             print(f"ROW FAILED {name}: {type(err).__name__}: {err}", flush=True)
+        # rewritten after every row, so a run stopped by a time limit keeps what it measured
+        (args.out / "bench_adapt.json").write_text(json.dumps({**meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+        (args.out / "bench_adapt.md").write_text(markdown(rows, peak, device, command))
 
     for name, arch, support, query, ref in pick(ref_rows):
         record(name, lambda: run_reference(name, arch, dirs[arch], support, query, size, peak, ref))
@@ -363,12 +368,7 @@ def main() -> None:
     for name, arch, support, query, extra in pick(cli_rows):
         record(name, lambda: run_cli(name, arch, dirs[arch], support, query, size, args.models, extra))
 
-    command = "python benchmarks/bench_adapt.py " + " ".join(sys.argv[1:])
-    meta = {"device": device, "matmul_peak_tflops": peak, "command": command, "torch": torch.__version__}
-    (args.out / "bench_adapt.json").write_text(json.dumps({**meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
-    table = markdown(rows, peak, device, command)
-    (args.out / "bench_adapt.md").write_text(table)
-    print(table)
+    print(markdown(rows, peak, device, command))
 
 
 if __name__ == "__main__":
