@@ -1,0 +1,31 @@
+"""The benchmark scripts still run (CPU smoke mode) and build tasks that pickle like the challenge's."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from bench_adapt import make_task  # noqa: E402
+
+
+def test_bench_task_images_pickle_on_their_own():
+    """A view pickles its whole parent tensor: 550 views of one tensor made the CLI rows 180 GB."""
+    task = make_task(4, 4, 32)
+    raw = 8 * 3 * 32 * 32 * 4
+    assert len(pickle.dumps(task)) < 2 * raw
+
+
+def test_bench_adapt_smoke_writes_every_row(tmp_path):
+    proc = subprocess.run([sys.executable, "bench_adapt.py", "--smoke", "--out", str(tmp_path), "--models", str(tmp_path / "models")],
+                          cwd=BENCHMARKS, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "bench_adapt.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["smoke reference", "smoke default", "smoke prefix", "smoke cli"]
+    assert rows[-1]["cli_s"] > 0 and all(r["adapt_s"] > 0 for r in rows[:-1])
+    assert "| smoke cli |" in (tmp_path / "bench_adapt.md").read_text()
