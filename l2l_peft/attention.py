@@ -53,15 +53,15 @@ def flash_or_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
 
 def use_flash_attention(model: nn.Module) -> bool:
     """Route a model that runs SDPA through flash_or_sdpa; other implementations stay as they are."""
-    from transformers import AttentionInterface
-
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa":
         return False
-    AttentionInterface.register(NAME, flash_or_sdpa)
     try:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(NAME, flash_or_sdpa)
         model.set_attn_implementation(NAME)
-    except (ValueError, AttributeError) as err:  # a family that does not dispatch through the registry
+    except (ImportError, ValueError, AttributeError) as err:  # transformers < 4.5x, or a family outside the registry
         logger.debug("keeping SDPA dispatch for %s: %s", type(model).__name__, err)
         return False
     return True
