@@ -37,7 +37,7 @@ SEED_RECIPE: dict[str, Any] = dict(
     max_steps=100_000, min_steps=1, warmup_frac=0.0, augment=False, head_init="zero",
 )  # fmt: skip  -- weight_decay 0 makes AdamW plain Adam; max_steps so high that epochs decide
 PRESETS: dict[Kind, dict[str, Any]] = {Kind.SEED_RECIPE: SEED_RECIPE}
-DATASET = "{dataset}"  # placeholder in string params, replaced per task
+DATASET = "{dataset}"  # placeholder in string settings, replaced per task
 
 
 @dataclass
