@@ -21,5 +21,5 @@ for path in "$data"/*.npz; do
 done
 failed=0
 for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
-for run in runs/loo/*/; do echo "$run $(tail -n 1 "$run/log.jsonl")"; done
+for run in runs/loo/*/; do echo "$run $(tail -n 1 "${run}log.jsonl" 2>/dev/null)"; done
 exit $failed
