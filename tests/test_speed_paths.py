@@ -91,3 +91,34 @@ def test_attention_routing_keeps_every_family_output(model_dirs, family):
         reference = plain.eval()(pixel_values=extractor.preprocess(images)).last_hidden_state
     torch.testing.assert_close(routed, reference)
     assert plain.config._attn_implementation == "sdpa" and extractor.model.config._attn_implementation == "l2l_sdpa"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention needs a GPU")
+def test_flash_attention_matches_sdpa_and_is_captured():
+    """The direct flash call gives SDPA's numbers and, unlike SDPA's dispatch, stays flash in a graph."""
+    from l2l_peft.attention import flash_or_sdpa
+
+    module = torch.nn.Module()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 50, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_() for _ in range(3))
+    out, weights = flash_or_sdpa(module, q, k, v, None, scaling=0.125)
+    reference = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=0.125).transpose(1, 2)
+    assert weights is None and out.shape == (2, 50, 4, 64)
+    torch.testing.assert_close(out.float(), reference, atol=2e-2, rtol=2e-2)
+
+    def step() -> None:
+        flash_or_sdpa(module, q, k, v, None, scaling=0.125)[0].float().square().sum().backward()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside the graph, as GraphedStep does
+    torch.cuda.current_stream().wait_stream(side)
+    for t in (q, k, v):
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
