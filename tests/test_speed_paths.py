@@ -95,7 +95,7 @@ def test_attention_routing_keeps_every_family_output(model_dirs, family):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention needs a GPU")
 def test_flash_attention_matches_sdpa_and_is_captured():
-    """The direct flash call gives SDPA's numbers and, unlike SDPA's dispatch, stays flash in a graph."""
+    """The direct flash call gives SDPA's numbers, and forward + backward can be captured in a CUDA graph."""
     from l2l_peft.attention import flash_or_sdpa
 
     module = torch.nn.Module()
