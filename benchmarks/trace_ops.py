@@ -21,6 +21,7 @@ from l2l_peft import api
 from l2l_peft.task import load_task
 
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear"}
+REPO = Path(__file__).resolve().parent.parent
 OWN = ("l2l_peft/", "peft/", "transformers/", "accelerate/", "torch/optim/", "torch/nn/utils/")
 
 
@@ -28,7 +29,8 @@ def _where() -> str:
     """The innermost frame of our code or the libraries we drive (backward shows its caller)."""
     for frame in reversed(traceback.extract_stack()[:-3]):
         if any(part in frame.filename for part in OWN):
-            return f"{frame.filename.split('site-packages/')[-1].split('main/')[-1]}:{frame.lineno} {frame.name}"
+            short = frame.filename.split("site-packages/")[-1].removeprefix(f"{REPO}/")
+            return f"{short}:{frame.lineno} {frame.name}"
     return "?"
 
 

@@ -43,9 +43,9 @@ def flash_or_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
                   attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                   **kwargs: Any) -> tuple[torch.Tensor, None]:  # fmt: skip
     """transformers' attention-function signature: [B, H, S, D] in, [B, S, H, D] out."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if not _flash_takes(query, key, attention_mask):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     out = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout, False, False, scale=scaling)[0]
     return out.transpose(1, 2).contiguous(), None

@@ -30,8 +30,9 @@ GRAD_CLIP = 1.0
 # Measured on an H100 (benchmarks/results): graphs pay at batch 32 (ViT-B 875 -> 1,129 img/s) but
 # replays ran slower than eager at batch 128 (2,458 -> 1,284 img/s), so larger batches stay eager.
 GRAPH_MAX_BATCH = 64
-# cuDNN's attention copies from pageable host memory once per layer (a host sync); flash and
-# memory-efficient attention do not. Math stays as the fallback for inputs neither supports.
+# For attention the direct flash call (attention.py) does not take: flash and memory-efficient
+# kernels before cuDNN's, math as the fallback. (The pageable host copies once blamed on cuDNN
+# were the weights moving to the GPU at load: benchmarks/results/run4_trace_before.log.)
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 

@@ -29,3 +29,11 @@ def test_bench_adapt_smoke_writes_every_row(tmp_path):
     assert [r["name"] for r in rows] == ["smoke reference", "smoke default", "smoke prefix", "smoke cli"]
     assert rows[-1]["cli_s"] > 0 and all(r["adapt_s"] > 0 for r in rows[:-1])
     assert "| smoke cli |" in (tmp_path / "bench_adapt.md").read_text()
+
+
+def test_trace_ops_names_fp32_matmuls_and_their_caller(tmp_path):
+    proc = subprocess.run([sys.executable, "trace_ops.py", "--arch", "tiny", "--batch", "8", "--steps", "2", "--models", str(tmp_path)],
+                          cwd=BENCHMARKS, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "== graphs False:" in proc.stdout and "== graphs True:" in proc.stdout
+    assert "fp32 mm (5, 8)float32 x (8, 64)float32 @ l2l_peft/head.py" in proc.stdout  # on the CPU every matmul is fp32
