@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +136,17 @@ def test_shipped_backbone_is_the_offline_default():
     assert next(extractor.parameters()).dtype == torch.float32
     features = extractor(torch.zeros(2, 1, 28, 28))  # gray, native size: preprocess repeats and resizes
     assert features.shape == (2, 384) and bool(torch.isfinite(features).all())
+
+
+def test_leave_one_out_script_pretrains_without_each_dataset(data_dir, tmp_path):
+    """scripts/pretrain_loo.sh: one run per dataset with that dataset excluded, plus the random init."""
+    repo = Path(__file__).resolve().parent.parent
+    shutil.copytree(repo / "configs", tmp_path / "configs")
+    env = {**os.environ, "PYTHONPATH": str(repo), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(["bash", str(repo / "scripts" / "pretrain_loo.sh"), "0", str(data_dir)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("gray_mc", "rgb_ml"):
+        card = (tmp_path / "runs" / "loo" / name / "README.md").read_text()
+        assert f"Excluded datasets: {name}." in card
+    assert (tmp_path / "runs" / "random_vit_tiny" / "model.safetensors").is_file()
