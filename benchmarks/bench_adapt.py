@@ -15,7 +15,7 @@ output written. Rows run best-of-`--repeats` after one warm-up task per backbone
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import dataclasses
 import gc
 import json
@@ -150,10 +150,12 @@ def step_flops(data, model_dir: Path, overrides: dict) -> float:
 
 
 def run_adapt(name: str, arch: str, model_dir: Path, support: int, query: int, size: int, peak: float, repeats: int,
-              overrides: dict, *, bf16_storage: bool = True) -> Row:  # fmt: skip
+              overrides: dict, *, storage: str = "stream") -> Row:  # fmt: skip
     data = load_task(make_task(support, query, size))
     flops_data = load_task(make_task(support, 1, size))
-    patch = contextlib.nullcontext() if bf16_storage else mock.patch.object(api, "cast_frozen_matmuls", lambda *a: 0)
+    # bf16 storage of frozen tensors: "stream" (the default), "matmuls" (float32 residual stream) or "none"
+    cast = {"stream": api.cast_frozen, "matmuls": functools.partial(api.cast_frozen, stream=False), "none": lambda *a: 0}[storage]
+    patch = mock.patch.object(api, "cast_frozen", cast)
     best = None
     with patch:
         for _ in range(repeats):
@@ -281,14 +283,17 @@ def plan(smoke: bool) -> tuple[list[tuple], list[tuple], list[tuple]]:
         ("default vit-b16 s500", "vit-b16", 500, 500, {}),
         ("default vit-b16 s50 q2000", "vit-b16", 50, 2000, {}),
         ("B50: no CUDA graphs", "vit-b16", 50, 500, dict(cuda_graphs=False)),
-        ("B50: no bf16 weight storage", "vit-b16", 50, 500, dict(bf16_storage=False)),
+        ("B50: float32 residual stream", "vit-b16", 50, 500, dict(storage="matmuls")),
+        ("B50: no bf16 weight storage", "vit-b16", 50, 500, dict(storage="none")),
         ("B50: fp32 (no autocast), no graphs", "vit-b16", 50, 500, dict(precision="no", cuda_graphs=False)),
         ("B50: LoRA last 4 blocks, prefix cache", "vit-b16", 50, 500, dict(lora_last_blocks=4)),
         ("B50: LoRA last 4 blocks, no prefix cache", "vit-b16", 50, 500, dict(lora_last_blocks=4, prefix_views=0)),
         ("B200 batch 128", "vit-b16", 200, 500, dict(batch_size=128)),
         ("B200 batch 128, no graphs", "vit-b16", 200, 500, dict(batch_size=128, cuda_graphs=False)),
+        ("B200 batch 128, float32 residual stream", "vit-b16", 200, 500, dict(batch_size=128, storage="matmuls")),
         ("L200 batch 128", "vit-l16", 200, 500, dict(batch_size=128)),
         ("L200 batch 200", "vit-l16", 200, 500, dict(batch_size=200)),
+        ("L200 batch 128, float32 residual stream", "vit-l16", 200, 500, dict(batch_size=128, storage="matmuls")),
         ("S50 batch 50", "vit-s16", 50, 500, dict(batch_size=50)),
         ("B50 batch 50 (as reference), 100 steps", "vit-b16", 50, 500, dict(batch_size=50, min_steps=100)),
     ]
@@ -363,8 +368,8 @@ def main() -> None:
         record(name, lambda: run_reference(name, arch, dirs[arch], support, query, size, peak, ref))
     for name, arch, support, query, options in pick(adapt_rows):
         options = dict(options)
-        storage = options.pop("bf16_storage", True)
-        record(name, lambda: run_adapt(name, arch, dirs[arch], support, query, size, peak, args.repeats, options, bf16_storage=storage))
+        storage = options.pop("storage", "stream")
+        record(name, lambda: run_adapt(name, arch, dirs[arch], support, query, size, peak, args.repeats, options, storage=storage))
     for name, arch, support, query, extra in pick(cli_rows):
         record(name, lambda: run_cli(name, arch, dirs[arch], support, query, size, args.models, extra))
 

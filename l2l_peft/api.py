@@ -12,7 +12,7 @@ import torch
 from accelerate.utils import set_seed
 
 from .adapters import apply_method, trainable_parameters
-from .backbone import FeatureExtractor, cast_frozen_matmuls, load_backbone
+from .backbone import FeatureExtractor, cast_frozen, load_backbone
 from .config import AdaptConfig, Method, make_config
 from .head import Classifier, Head
 from .predict import predict
@@ -73,7 +73,7 @@ def run(task: Any, config: AdaptConfig | None = None, **overrides: Any) -> Adapt
     objective = build_objective(data.target, data.classes, data.support_labels)
     model = build_classifier(extractor, objective, config).to(accelerator.device)
     if accelerator.mixed_precision == "bf16":
-        cast_frozen_matmuls(model, torch.bfloat16)
+        cast_frozen(model, torch.bfloat16)
     result.trainable_parameters = trainable_parameters([model])
     if config.head_init == "prototype":
         init_head(model, objective, data.support_images, data.support_labels, accelerator=accelerator, batch_size=config.predict_batch_size)

@@ -190,22 +190,42 @@ class FeatureExtractor(nn.Module):
         return torch.cat([pooled, patches], dim=-1)
 
 
-def cast_frozen_matmuls(module: nn.Module, dtype: torch.dtype) -> int:
-    """Store frozen Linear/Conv weights in the autocast dtype; returns how many tensors were cast.
+def cast_frozen(module: nn.Module, dtype: torch.dtype, *, stream: bool = True) -> int:
+    """Store frozen tensors in the autocast dtype; returns how many were cast.
 
-    Under autocast these weights are re-cast on every forward anyway (autocast caches only
+    Frozen Linear/Conv weights: autocast re-casts them on every forward anyway (it caches only
     trainable leaves), so storing them cast gives the same numbers without the per-step copies.
-    Trainable tensors (adapters, head) keep float32 for the optimizer; norms and embeddings
-    keep float32 because autocast runs them in float32.
+    With `stream`, frozen norms and embeddings follow and the norms run in that dtype, so the
+    residual stream stays bf16: autocast alone returns every LayerNorm in float32, and the float32
+    stream's adds, norms and casts took more GPU time than the matmuls at batch 128 (run2_profile.log).
+    Trainable tensors (adapters, head, prompts) keep float32 for the optimizer; a trainable norm
+    (BitFit) keeps its float32 output.
     """
     cast = 0
     for layer in module.modules():
-        if isinstance(layer, (nn.Linear, nn.Conv2d)):
-            for param in layer.parameters(recurse=False):
-                if not param.requires_grad and param.dtype != dtype:
-                    param.data = param.data.to(dtype)
-                    cast += 1
+        params = list(layer.parameters(recurse=False))
+        frozen = [p for p in params if not p.requires_grad and p.is_floating_point()]
+        if isinstance(layer, nn.LayerNorm) and len(frozen) < len(params):
+            continue  # a trained norm keeps float32 weights, so autocast's float32 output is right
+        if not (stream or isinstance(layer, (nn.Linear, nn.Conv2d))):
+            continue
+        for param in frozen:
+            if param.dtype != dtype:
+                param.data = param.data.to(dtype)
+                cast += 1
+        if stream and type(layer) is nn.LayerNorm and layer.weight is not None:
+            layer.__class__ = _OwnDtypeLayerNorm
+        if stream and hasattr(layer, "_cast_input_dtype"):  # a peft layer would cast bf16 inputs up to its float32 adapters
+            layer.cast_input_dtype_enabled = False
     return cast
+
+
+class _OwnDtypeLayerNorm(nn.LayerNorm):
+    """LayerNorm returning its weights' dtype under autocast (statistics still accumulate in float32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x.to(self.weight.dtype), self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 @lru_cache(maxsize=2)

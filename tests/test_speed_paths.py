@@ -9,7 +9,7 @@ from torchcross.data.task import TaskTarget
 
 from l2l_peft import run
 from l2l_peft.api import build_classifier
-from l2l_peft.backbone import cast_frozen_matmuls, load_backbone
+from l2l_peft.backbone import cast_frozen, load_backbone
 from l2l_peft.config import AdaptConfig
 from l2l_peft.prefix import frozen_prefix
 from l2l_peft.targets import build_objective
@@ -60,10 +60,35 @@ def test_bf16_weight_storage_matches_autocast(vit_dir):
     images = torch.rand(3, 3, 32, 32) * 2 - 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
         before = extractor(images)
-        assert cast_frozen_matmuls(extractor, torch.bfloat16) > 0
+        assert cast_frozen(extractor, torch.bfloat16, stream=False) > 0
         after = extractor(images)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
     assert all(p.dtype == torch.float32 for p in extractor.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("family", ["vit", "dinov2", "clip", "siglip", "swin"])
+def test_bf16_stream_stays_bf16_and_close_to_autocast(model_dirs, family):
+    """With the norms cast too, hidden states stay bf16 end to end; features move only by bf16 rounding."""
+    extractor = _extractor(model_dirs[family])
+    images = torch.rand(3, 3, extractor.input_size, extractor.input_size) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        before = extractor(images).float()
+        cast_frozen(extractor, torch.bfloat16)
+        hidden = extractor.tokens(extractor.preprocess(images))[0]
+        after = extractor(images).float()
+    assert hidden.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in extractor.parameters() if p.requires_grad)
+    assert (after - before).norm() / before.norm() < 0.05
+
+
+def test_bf16_stream_trains_every_method(vit_dir):
+    """BitFit trains the norms (they stay float32), VPT concatenates float32 prompts, LoRA runs bf16."""
+    task, _ = make_task(TaskTarget.MULTICLASS_CLASSIFICATION)
+    for method in ("lora", "bitfit", "vpt-deep", "dora"):
+        result = run(task, model=str(vit_dir), cpu=True, precision="bf16", max_steps=3, min_steps=3, method=method)
+        probs = result.probabilities
+        assert result.train.steps == 3 and torch.isfinite(probs).all(), method
+        torch.testing.assert_close(probs.sum(1), torch.ones(len(probs)), atol=1e-3, rtol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
