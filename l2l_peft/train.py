@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, GradientState
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .augment import augment
@@ -55,17 +55,30 @@ class TrainReport:
 
 
 def make_accelerator(config: AdaptConfig) -> Accelerator:
-    """One Accelerator per process: reuse the precision of an existing one (accelerate state is global)."""
-    if AcceleratorState._shared_state:
-        return Accelerator()
+    """An Accelerator with the config's precision and device.
+
+    accelerate keeps one global state per process and ignores the arguments of later Accelerators,
+    so a second adapt() call or an experiment variant with another precision would silently run
+    with the first one's; such a call resets the state (a distributed process group stays).
+    """
+    cpu = config.cpu or not torch.cuda.is_available()
     if config.precision is not Precision.AUTO:
         precision = config.precision.value
-    elif config.cpu or not torch.cuda.is_available():
+    elif cpu:
         precision = "no"
     else:
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if AcceleratorState._shared_state:
+        state = AcceleratorState()
+        on_cpu = state.device.type == "cpu"
+        if state.mixed_precision == precision and on_cpu == cpu:
+            return Accelerator()
+        if on_cpu != cpu and state.num_processes > 1:
+            raise ValueError(f"cpu={cpu} cannot change inside a distributed run on {state.device}")
+        AcceleratorState._reset_state(reset_partial_state=on_cpu != cpu)
+        GradientState._reset_state()
     # cpu=True without CUDA: accelerate 1.15 only forms a CPU process group (gloo) when told so
-    return Accelerator(mixed_precision=precision, cpu=config.cpu or not torch.cuda.is_available())
+    return Accelerator(mixed_precision=precision, cpu=cpu)
 
 
 def plan(n_support: int, config: AdaptConfig) -> tuple[int, int]:

@@ -131,3 +131,12 @@ def test_environment_overrides(vit_dir, monkeypatch):
     config = AdaptConfig().with_env()
     assert config.model == str(vit_dir) and config.time_budget == 30.0
     check_output(adapt(make_task()[0], **FAST), TaskTarget.MULTICLASS_CLASSIFICATION, 9)
+
+
+def test_each_call_runs_at_its_own_precision(vit_dir):
+    """accelerate's state is global; a later call asking for another precision must get it, not the first's."""
+    task, _ = make_task(TaskTarget.BINARY_CLASSIFICATION)
+    common = dict(model=str(vit_dir), cpu=True, max_steps=2, min_steps=2)
+    assert run(task, precision="bf16", **common).precision == "bf16"
+    assert run(task, precision="no", **common).precision == "no"
+    assert run(task, precision="bf16", **common).precision == "bf16"

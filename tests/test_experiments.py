@@ -115,6 +115,16 @@ def test_dataset_placeholder_picks_a_backbone_per_dataset(npz_dir, vit_dir, tmp_
     assert next(r for r in rows if r["variant"] == "probe")["params"]["model"].endswith("{dataset}")  # rows keep the config's words
 
 
+def test_variant_precision_is_honoured(npz_dir, vit_dir, tmp_path):
+    """A variant's own precision (the speed-work before/after rows) must not inherit the run's."""
+    fp32 = {"name": "fp32", "params": {"precision": "no", "max_steps": 2, "min_steps": 2}}
+    bf16 = {"name": "bf16", "params": {"precision": "bf16", "max_steps": 2, "min_steps": 2}}
+    raw = _config(npz_dir, vit_dir) | {"methods": [bf16, fp32]}
+    raw["suite"] = raw["suite"] | {"tasks": 1}
+    rows = read_rows(run_experiment(parse_config(raw), tmp_path / "run"))
+    assert {r["variant"]: r["precision"] for r in rows} == {"bf16": "bf16", "fp32": "no"}
+
+
 def test_unknown_reference_is_refused(npz_dir, vit_dir, tmp_path):
     with pytest.raises(ValueError, match="reference 'nope' is not a variant"):
         run_experiment(parse_config(_config(npz_dir, vit_dir) | {"reference": "nope"}), tmp_path)
