@@ -188,7 +188,8 @@ def run_cli(name: str, arch: str, model_dir: Path, support: int, query: int, siz
     wall = time.perf_counter() - start
     if proc.returncode != 0 or not out.exists():
         raise RuntimeError(f"CLI failed ({proc.returncode}): {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    return Row(name, arch, support, query, cli_s=wall, note="python -m l2l_peft, process start to output written")
+    phases = next((line.split("timings: ", 1)[1] for line in proc.stdout.splitlines() if "timings: " in line), "")
+    return Row(name, arch, support, query, cli_s=wall, note=f"python -m l2l_peft, process start to output written; {phases}")
 
 
 # ---- the straightforward reference -----------------------------------------------------------
@@ -328,7 +329,8 @@ def markdown(rows: list[Row], peak: float, device: str, command: str) -> str:
             f"| {r.name} | {r.support} | {r.query} | {r.batch} | {r.steps} | {r.load_s:.2f} | {r.adapt_s:.2f} | "
             f"{r.predict_s:.2f} | {r.images_per_s:,.0f} | {r.tflops:.0f} | {100 * r.peak_fraction:.0f}% | {r.memory_gb:.1f} | |"
         )
-    return "\n".join(lines) + "\n"
+    phases = [f"- {r.name}: {r.note.split('; ', 1)[1]}" for r in rows if r.cli_s is not None and "; " in r.note]
+    return "\n".join(lines + (["", "CLI phases (from its log):", *phases] if phases else [])) + "\n"
 
 
 def main() -> None:

@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from .io import save_predictions
     from .task import TaskError, load_task
 
+    imported = time.monotonic()
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(AdaptConfig)}
     try:
         config = AdaptConfig(**values).with_env()
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     except (TaskError, OSError) as err:
         print(f"error: {args.task}: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    read = time.monotonic()
     logger.info(
         "task %s: %s, %d classes, %d support, %d query, images %s",
         data.task_identifier or args.task.name, data.target.name, len(data.classes),
@@ -107,12 +109,14 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_NO_MODEL
     else:
         result, how = run_with_fallbacks(data, config)
+    adapted = time.monotonic()
 
     try:
         save_predictions(result.probabilities, args.output)
     except OSError as err:
         print(f"error: cannot write {args.output}: {err}", file=sys.stderr)
         return EXIT_WRITE
+    written = time.monotonic()
     try:
         model = resolve_model(config.model, config.cache_dir).name
     except BackboneError:
@@ -125,4 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{report.steps}/{report.planned_steps}" if report else 0, result.precision,
         tuple(result.probabilities.shape), time.monotonic() - start, elapsed + config.time_budget,
     )  # fmt: skip
+    phases = {"startup and imports": imported - start, "task read": read - imported}
+    phases |= {k: v for k, v in result.timings.items() if k != "total"}  # model load, adapt, predict
+    phases |= {"fallbacks": adapted - read - result.timings.get("total", 0.0), "write": written - adapted}
+    logger.info("timings: %s", ", ".join(f"{name} {seconds:.2f}s" for name, seconds in phases.items()))
     return 0

@@ -28,7 +28,9 @@ def test_bench_adapt_smoke_writes_every_row(tmp_path):
     rows = json.loads((tmp_path / "bench_adapt.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["smoke reference", "smoke default", "smoke prefix", "smoke cli"]
     assert rows[-1]["cli_s"] > 0 and all(r["adapt_s"] > 0 for r in rows[:-1])
-    assert "| smoke cli |" in (tmp_path / "bench_adapt.md").read_text()
+    table = (tmp_path / "bench_adapt.md").read_text()
+    assert "| smoke cli |" in table and "- smoke cli: startup and imports" in table  # the CLI's own phase split
+    assert "adapt" in rows[-1]["note"] and "task read" in rows[-1]["note"]
 
 
 def test_trace_ops_names_fp32_matmuls_and_their_caller(tmp_path):
