@@ -87,6 +87,7 @@ def test_tiny_suite_end_to_end(one_process_run):
     resolved = json.loads((one_process_run / "config.resolved.json").read_text())
     assert resolved["versions"]["torch"] == metadata.version("torch") and resolved["num_processes"] == 1
     assert resolved["variants"]["lora"]["max_steps"] == 3 and "git_commit" in resolved
+    assert len(resolved["source_sha256"]) == 64
 
 
 def test_paired_differences_pair_by_task():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -96,6 +97,16 @@ def _git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+def _source_digest() -> str:
+    """sha256 of the package's Python sources: identifies the code where a checkout's git state cannot
+    (a copied working tree can carry an older .git, as the GPU machine's does)."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def _versions() -> dict[str, str | None]:
     versions = {}
     for name in PACKAGES:
@@ -115,6 +126,7 @@ def resolved_config(config: ExperimentConfig, variants: list[Variant], base: Ada
         "mixed_precision": accelerator.mixed_precision,
         "device": str(accelerator.device),
         "git_commit": _git_commit(),
+        "source_sha256": _source_digest(),
         "versions": _versions(),
         "python": sys.version.split()[0],
         "command": sys.argv,
