@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -36,10 +37,16 @@ def test_preprocess_maps_challenge_range_to_model_normalisation(vit_dir):
     assert torch.allclose(out[0, :, 0, -1], torch.full((3,), 1.5))
 
 
-def test_copies_are_independent(vit_dir):
-    a, b = load_backbone(str(vit_dir)), load_backbone(str(vit_dir))
+def test_copies_are_independent(vit_dir, tmp_path):
+    """The first load is handed out uncopied, later ones are copies of a cached original: all equal, none shared."""
+    source = shutil.copytree(vit_dir, tmp_path / "fresh")  # a source no earlier test asked for
+    a, b, c = (load_backbone(str(source)) for _ in range(3))
+    assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(a.parameters(), b.parameters(), c.parameters()))
     next(a.parameters()).data.add_(1)
-    assert not torch.equal(next(a.parameters()), next(b.parameters()))
+    next(b.parameters()).data.add_(2)
+    assert not torch.equal(next(a.parameters()), next(c.parameters()))
+    assert not torch.equal(next(b.parameters()), next(c.parameters()))
+    assert torch.equal(next(load_backbone(str(source)).parameters()), next(c.parameters()))
 
 
 def test_missing_hub_model_says_how_to_fix(tmp_path):
