@@ -15,8 +15,8 @@ output written. Rows run best-of-`--repeats` after one warm-up task per backbone
 from __future__ import annotations
 
 import argparse
-import functools
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -37,7 +37,7 @@ from torchcross.data.task import Task, TaskDescription, TaskTarget  # noqa: E402
 
 from l2l_peft import api  # noqa: E402
 from l2l_peft.adapters import find_target_modules  # noqa: E402
-from l2l_peft.task import load_task  # noqa: E402
+from l2l_peft.task import challenge_task, load_task  # noqa: E402
 
 ARCHS = {  # hidden, layers, heads, MLP
     "vit-s16": (384, 12, 6, 1536),
@@ -67,9 +67,7 @@ def make_task(n_support: int, n_query: int, size: int, seed: int = 0) -> Task:
     n = n_support + n_query
     images = torch.rand(n, 3, size, size, generator=g) * 2 - 1
     labels = torch.arange(n) % len(CLASSES)
-    # own storage per image: a view pickles its whole parent tensor (550 x 330 MB for the CLI rows)
-    pairs = [(image.clone(), label.clone()) for image, label in zip(images, labels)]
-    return Task(pairs[:n_support], pairs[n_support:], TaskDescription(TaskTarget.MULTICLASS_CLASSIFICATION, CLASSES, "bench"))
+    return challenge_task(images, labels, n_support, TaskDescription(TaskTarget.MULTICLASS_CLASSIFICATION, CLASSES, "bench"))
 
 
 def fresh_accelerate() -> None:
@@ -249,7 +247,7 @@ def run_reference(name: str, arch: str, model_dir: Path, support: int, query: in
             loss.item()
     sync()
     trained = time.perf_counter()
-    queries = torch.stack([img for img, _ in task.query])
+    queries = torch.stack([item[0] for item in task.query])
     with torch.inference_mode(), accelerator.autocast():
         probs = [model["head"](model["backbone"](pixel_values=q.to(device)).last_hidden_state[:, 0]).softmax(-1)
                  for q in queries.split(256)]  # fmt: skip

@@ -21,6 +21,7 @@ from torchmetrics.functional.classification import multiclass_auroc
 from . import cli
 from .backbone import BackboneError, REPO_CACHE, resolve_model
 from .datasets import load_npz_dir, to_challenge
+from .task import challenge_task
 
 logger = logging.getLogger("l2l_peft.demo")
 DEV_DATA = REPO_CACHE.parent.parent / "shared" / "data"
@@ -36,12 +37,7 @@ def sample_dev_task(data_dir: Path, dataset: str, shots: int, seed: int) -> tupl
     images = to_challenge(ds.images[torch.cat([support, query])])
     labels = ds.labels[torch.cat([support, query])]
     n = len(support)
-    task = Task(
-        [(images[i], labels[i]) for i in range(n)],
-        [(images[i],) for i in range(n, len(images))],
-        TaskDescription(ds.target, ds.classes, f"{dataset}-{shots}shot"),
-    )
-    return task, labels[n:]
+    return challenge_task(images, labels, n, TaskDescription(ds.target, ds.classes, f"{dataset}-{shots}shot")), labels[n:]
 
 
 def synthetic_task(shots: int, seed: int) -> tuple[Task, torch.Tensor]:
@@ -51,12 +47,8 @@ def synthetic_task(shots: int, seed: int) -> tuple[Task, torch.Tensor]:
     images = (labels.float().view(-1, 1, 1, 1) * 0.6 - 0.6) + 0.2 * torch.randn(len(labels), 1, 224, 224, generator=g)
     n = 3 * shots
     classes = {0: "dark", 1: "grey", 2: "bright"}
-    task = Task(
-        [(images[i].clamp(-1, 1), labels[i]) for i in range(n)],
-        [(images[i].clamp(-1, 1),) for i in range(n, len(labels))],
-        TaskDescription(TaskTarget.MULTICLASS_CLASSIFICATION, classes, "synthetic-brightness"),
-    )
-    return task, labels[n:]
+    description = TaskDescription(TaskTarget.MULTICLASS_CLASSIFICATION, classes, "synthetic-brightness")
+    return challenge_task(images.clamp(-1, 1), labels, n, description), labels[n:]
 
 
 def random_backbone(directory: Path) -> Path:

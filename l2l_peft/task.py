@@ -135,6 +135,16 @@ class TaskData:
         return Task((self.support_images, self.support_labels), self.query_images, description)
 
 
+def challenge_task(images: torch.Tensor, labels: torch.Tensor, n_support: int, description: TaskDescription) -> Task:
+    """A torchcross Task as the challenge ships it: (image, label) support pairs, (image,) queries.
+
+    Every image and label gets its own storage: pickling a view writes its whole base tensor, so a
+    task cut from one batch would hold that batch once per image (the demo's 60-image task: 722 MB).
+    """
+    pairs = [(image.clone(), label.clone()) for image, label in zip(images, labels, strict=True)]
+    return Task(pairs[:n_support], [(image,) for image, _ in pairs[n_support:]], description)
+
+
 def load_task(source: str | Path | bytes | Task | TaskData | Any) -> TaskData:
     """Read, normalise and validate a task from a path, pickle bytes or a task object."""
     if isinstance(source, TaskData):

@@ -12,6 +12,7 @@ from conftest import CLASSES, make_task, old_layout, write_task
 from torchcross.data.task import Task, TaskDescription, TaskTarget
 
 from l2l_peft import TaskError, load_task
+from l2l_peft.task import challenge_task
 
 
 class _Evil:
@@ -164,3 +165,14 @@ def test_validation_errors_name_the_problem(case):
 def test_empty_query_is_allowed():
     task, _ = make_task()
     assert load_task(_with(task, query=[])).query_images.shape[0] == 0
+
+
+def test_challenge_task_round_trips_and_pickles_each_image_once():
+    images, labels = torch.rand(12, 3, 16, 16) * 2 - 1, torch.arange(12) % 3
+    task = challenge_task(images, labels, 6, TaskDescription(TaskTarget.MULTICLASS_CLASSIFICATION, CLASSES[TaskTarget.MULTICLASS_CLASSIFICATION], "t"))
+    blob = pickle.dumps(task)
+    data = load_task(blob)
+    torch.testing.assert_close(data.support_images, images[:6])
+    torch.testing.assert_close(data.query_images, images[6:])
+    assert data.support_labels.tolist() == labels[:6].tolist()
+    assert len(blob) < 2 * images.numel() * 4  # views would have pickled all 12 images per image
