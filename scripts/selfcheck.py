@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torchcross.data.task import Task, TaskDescription, TaskTarget
 
+from l2l_peft.task import challenge_task
+
 N_SUPPORT, N_QUERY, CLASSES = 12, 6, {0: "a", 1: "b", 2: "c"}
 
 
@@ -26,8 +28,7 @@ def generated_task() -> Task:
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(N_SUPPORT + N_QUERY) % len(CLASSES)
     images = torch.rand(len(labels), 3, 64, 64, generator=g) * 2 - 1
-    pairs = list(zip(images, labels))
-    return Task(pairs[:N_SUPPORT], pairs[N_SUPPORT:], TaskDescription(TaskTarget.MULTICLASS_CLASSIFICATION, CLASSES))
+    return challenge_task(images, labels, N_SUPPORT, TaskDescription(TaskTarget.MULTICLASS_CLASSIFICATION, CLASSES))
 
 
 def main() -> int:
