@@ -186,8 +186,9 @@ def run_cli(name: str, arch: str, model_dir: Path, support: int, query: int, siz
     wall = time.perf_counter() - start
     if proc.returncode != 0 or not out.exists():
         raise RuntimeError(f"CLI failed ({proc.returncode}): {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    phases = next((line.split("timings: ", 1)[1] for line in proc.stdout.splitlines() if "timings: " in line), "")
-    return Row(name, arch, support, query, cli_s=wall, note=f"python -m l2l_peft, process start to output written; {phases}")
+    phases = next((line.split("timings: ", 1)[1] for line in proc.stdout.splitlines() if "timings: " in line), None)
+    note = "python -m l2l_peft, process start to output written" + (f"; {phases}" if phases else "")
+    return Row(name, arch, support, query, cli_s=wall, note=note)
 
 
 # ---- the straightforward reference -----------------------------------------------------------

@@ -245,7 +245,7 @@ def load_backbone(model: str | None = None, cache_dir: str | None = None) -> Fea
 
     A source's first request gets the loaded model itself, so one task per process (the CLI) pays
     no copy (ViT-B: 1 s on 2 CPU cores); from its second request on, the loaded original is cached
-    and copied, so task loops read the weights from disk twice at most.
+    (the two most recent sources) and copied, so a task loop over one backbone reads it from disk twice.
     """
     source = resolve_model(model, cache_dir)
     if source not in _requested:
