@@ -175,20 +175,30 @@ def run_adapt(name: str, arch: str, model_dir: Path, support: int, query: int, s
     )  # fmt: skip
 
 
-def run_cli(name: str, arch: str, model_dir: Path, support: int, query: int, size: int, work: Path, extra: list[str]) -> Row:
+def run_cli(name: str, arch: str, model_dir: Path, support: int, query: int, size: int, work: Path, extra: list[str],
+            runs: int = 3) -> Row:  # fmt: skip
+    """Wall time of whole CLI processes. Python bytecode goes to a cache of its own that the first run
+    fills (as an image build does; a read-only site-packages without .pyc files recompiles every
+    run); the row reports the best later run and notes the first."""
     task = work / f"{name}.pkl"
     task.write_bytes(pickle.dumps(make_task(support, query, size)))
     out = work / f"{name}.out.pkl"
-    out.unlink(missing_ok=True)
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "l2l_peft", str(task), str(out), "--model", str(model_dir), "--strict", *extra],
-                          capture_output=True, text=True)  # fmt: skip
-    wall = time.perf_counter() - start
-    if proc.returncode != 0 or not out.exists():
-        raise RuntimeError(f"CLI failed ({proc.returncode}): {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    phases = next((line.split("timings: ", 1)[1] for line in proc.stdout.splitlines() if "timings: " in line), None)
-    note = "python -m l2l_peft, process start to output written" + (f"; {phases}" if phases else "")
-    return Row(name, arch, support, query, cli_s=wall, note=note)
+    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(work / "pycache")}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    walls, logs = [], []
+    for _ in range(runs):
+        out.unlink(missing_ok=True)
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "l2l_peft", str(task), str(out), "--model", str(model_dir), "--strict", *extra],
+                              capture_output=True, text=True, env=env)  # fmt: skip
+        walls.append(time.perf_counter() - start)
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(f"CLI failed ({proc.returncode}): {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        logs.append(proc.stdout)
+    best = min(range(1, runs), key=walls.__getitem__) if runs > 1 else 0
+    phases = next((line.split("timings: ", 1)[1] for line in logs[best].splitlines() if "timings: " in line), None)
+    note = f"python -m l2l_peft, process start to output written; runs {', '.join(f'{w:.2f}' for w in walls)} s (the first fills the bytecode cache)"
+    return Row(name, arch, support, query, cli_s=walls[best], note=note + (f"; best: {phases}" if phases else ""))
 
 
 # ---- the straightforward reference -----------------------------------------------------------
@@ -309,6 +319,7 @@ def plan(smoke: bool) -> tuple[list[tuple], list[tuple], list[tuple]]:
         ("reference L200", "vit-l16", 200, 500, Reference()),
     ]
     cli = [(f"cli {a} s50", a, 50, 500, []) for a in ("vit-s16", "vit-b16", "vit-l16")]
+    cli += [("cli vit-b16 s50, no GPU warm-up thread", "vit-b16", 50, 500, ["--no-gpu-warmup"])]
     return adapt, ref, cli
 
 
@@ -372,7 +383,7 @@ def main() -> None:
         storage = options.pop("storage", "stream")
         record(name, lambda: run_adapt(name, arch, dirs[arch], support, query, size, peak, args.repeats, options, storage=storage))
     for name, arch, support, query, extra in pick(cli_rows):
-        record(name, lambda: run_cli(name, arch, dirs[arch], support, query, size, args.models, extra))
+        record(name, lambda: run_cli(name, arch, dirs[arch], support, query, size, args.models, extra, runs=2 if args.smoke else 3))
 
     print(markdown(rows, peak, device, command))
 

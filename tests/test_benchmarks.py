@@ -29,7 +29,7 @@ def test_bench_adapt_smoke_writes_every_row(tmp_path):
     assert [r["name"] for r in rows] == ["smoke reference", "smoke default", "smoke prefix", "smoke cli"]
     assert rows[-1]["cli_s"] > 0 and all(r["adapt_s"] > 0 for r in rows[:-1])
     table = (tmp_path / "bench_adapt.md").read_text()
-    assert "| smoke cli |" in table and "- smoke cli: startup and imports" in table  # the CLI's own phase split
+    assert "| smoke cli |" in table and "best: startup and imports" in table  # the CLI's own phase split
     assert "adapt" in rows[-1]["note"] and "task read" in rows[-1]["note"]
 
 

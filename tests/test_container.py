@@ -238,6 +238,7 @@ def test_cli_in_sandbox_adapts_offline_and_writes_only_output(sandbox):
     assert torch.allclose(probabilities.sum(1), torch.ones(5))
     assert "adapted: model tiny/vit, target MULTICLASS_CLASSIFICATION, support 6, query 5" in done.stdout
     assert "no writable HOME" in done.stdout
+    assert not list((sandbox["root"] / "tmp-plain").glob("l2l_peft-*"))  # atexit cleanup ran despite the fast exit
 
 
 def test_cli_in_sandbox_degrades_on_injected_oom(sandbox):

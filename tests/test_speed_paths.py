@@ -126,8 +126,9 @@ def test_flash_attention_matches_sdpa_and_is_captured():
     module = torch.nn.Module()
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(2, 4, 50, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_() for _ in range(3))
-    out, weights = flash_or_sdpa(module, q, k, v, None, scaling=0.125)
-    reference = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=0.125).transpose(1, 2)
+    with torch.no_grad():  # an autograd graph built here, on the default stream, would break the capture below
+        out, weights = flash_or_sdpa(module, q, k, v, None, scaling=0.125)
+        reference = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=0.125).transpose(1, 2)
     assert weights is None and out.shape == (2, 50, 4, 64)
     torch.testing.assert_close(out.float(), reference, atol=2e-2, rtol=2e-2)
 
