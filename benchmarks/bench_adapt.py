@@ -176,20 +176,20 @@ def run_adapt(name: str, arch: str, model_dir: Path, support: int, query: int, s
 
 
 def run_cli(name: str, arch: str, model_dir: Path, support: int, query: int, size: int, work: Path, extra: list[str],
-            runs: int = 3) -> Row:  # fmt: skip
+            runs: int = 3, python: str = sys.executable) -> Row:  # fmt: skip
     """Wall time of whole CLI processes. Python bytecode goes to a cache of its own that the first run
     fills (as an image build does; a read-only site-packages without .pyc files recompiles every
     run); the row reports the best later run and notes the first."""
     task = work / f"{name}.pkl"
     task.write_bytes(pickle.dumps(make_task(support, query, size)))
     out = work / f"{name}.out.pkl"
-    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(work / "pycache")}
+    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(work / "pycache" / Path(python).parent.parent.name)}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     walls, logs = [], []
     for _ in range(runs):
         out.unlink(missing_ok=True)
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "l2l_peft", str(task), str(out), "--model", str(model_dir), "--strict", *extra],
+        proc = subprocess.run([python, "-m", "l2l_peft", str(task), str(out), "--model", str(model_dir), "--strict", *extra],
                               capture_output=True, text=True, env=env)  # fmt: skip
         walls.append(time.perf_counter() - start)
         if proc.returncode != 0 or not out.exists():
@@ -197,7 +197,7 @@ def run_cli(name: str, arch: str, model_dir: Path, support: int, query: int, siz
         logs.append(proc.stdout)
     best = min(range(1, runs), key=walls.__getitem__) if runs > 1 else 0
     phases = next((line.split("timings: ", 1)[1] for line in logs[best].splitlines() if "timings: " in line), None)
-    note = f"python -m l2l_peft, process start to output written; runs {', '.join(f'{w:.2f}' for w in walls)} s (the first fills the bytecode cache)"
+    note = f"{python} -m l2l_peft, process start to output written; runs {', '.join(f'{w:.2f}' for w in walls)} s (the first fills the bytecode cache)"
     return Row(name, arch, support, query, cli_s=walls[best], note=note + (f"; best: {phases}" if phases else ""))
 
 
@@ -349,6 +349,7 @@ def main() -> None:
     parser.add_argument("--models", type=Path, default=Path("/tmp/bench_models"))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="tiny models and steps (checks the script, not speed)")
+    parser.add_argument("--cli-python", default=sys.executable, help="interpreter of the CLI rows (e.g. a slim_env.py venv)")
     parser.add_argument("--only", default="", help="comma-separated: run only rows whose name contains one of these")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -383,7 +384,7 @@ def main() -> None:
         storage = options.pop("storage", "stream")
         record(name, lambda: run_adapt(name, arch, dirs[arch], support, query, size, peak, args.repeats, options, storage=storage))
     for name, arch, support, query, extra in pick(cli_rows):
-        record(name, lambda: run_cli(name, arch, dirs[arch], support, query, size, args.models, extra, runs=2 if args.smoke else 3))
+        record(name, lambda: run_cli(name, arch, dirs[arch], support, query, size, args.models, extra, runs=2 if args.smoke else 3, python=args.cli_python))
 
     print(markdown(rows, peak, device, command))
 

@@ -39,3 +39,15 @@ def test_trace_ops_names_fp32_matmuls_and_their_caller(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "== graphs False:" in proc.stdout and "== graphs True:" in proc.stdout
     assert "fp32 mm (5, 8)float32 x (8, 64)float32 @ l2l_peft/head.py" in proc.stdout  # on the CPU every matmul is fp32
+
+
+def test_slim_env_holds_the_dependency_closure_only(tmp_path):
+    target = tmp_path / "slim"
+    proc = subprocess.run([sys.executable, "slim_env.py", str(target)], cwd=BENCHMARKS, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    python = str(target / "bin" / "python")
+    check = "import torch, transformers, peft, accelerate, torchcross, safetensors; import l2l_peft.cli"
+    done = subprocess.run([python, "-c", check], cwd=BENCHMARKS.parent, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    absent = subprocess.run([python, "-c", "import pytest"], capture_output=True, text=True, timeout=60)
+    assert absent.returncode != 0 and "No module named 'pytest'" in absent.stderr  # the test extra is not linked
