@@ -349,6 +349,7 @@ def main() -> None:
     parser.add_argument("--models", type=Path, default=Path("/tmp/bench_models"))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="tiny models and steps (checks the script, not speed)")
+    parser.add_argument("--cli-runs", type=int, default=3, help="processes per CLI row (the first fills the bytecode cache)")
     parser.add_argument("--cli-python", default=sys.executable, help="interpreter of the CLI rows (e.g. a slim_env.py venv)")
     parser.add_argument("--only", default="", help="comma-separated: run only rows whose name contains one of these")
     args = parser.parse_args()
@@ -384,7 +385,7 @@ def main() -> None:
         storage = options.pop("storage", "stream")
         record(name, lambda: run_adapt(name, arch, dirs[arch], support, query, size, peak, args.repeats, options, storage=storage))
     for name, arch, support, query, extra in pick(cli_rows):
-        record(name, lambda: run_cli(name, arch, dirs[arch], support, query, size, args.models, extra, runs=2 if args.smoke else 3, python=args.cli_python))
+        record(name, lambda: run_cli(name, arch, dirs[arch], support, query, size, args.models, extra, runs=2 if args.smoke else args.cli_runs, python=args.cli_python))
 
     print(markdown(rows, peak, device, command))
 
