@@ -5,6 +5,10 @@ lazily loading the cuBLAS, cuDNN and flash-attention kernels on first use. torch
 context while holding the GIL (the main thread's imports then stall), so the thread creates it
 first through ctypes, which releases the GIL; torch later adopts that primary context. The thread
 must be joined before training: a CUDA-graph capture fails if another thread launches work during it.
+
+Opt-in (`--gpu-warmup`): on an H100 it saved about 1 s per CLI run in a large development
+environment, but with the container's package set the main thread lost to GIL contention what
+the GPU gained (benchmarks/results/bench_adapt.md, run 6).
 """
 
 from __future__ import annotations

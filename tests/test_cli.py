@@ -73,7 +73,7 @@ def test_cli_joins_gpu_warmup_before_returning(tmp_path, vit_dir, monkeypatch, g
     task = write_task(make_task()[0], tmp_path / "in.pkl")
     if not good_input:
         task.write_bytes(b"\x80\x04garbage")
-    argv = [str(task), str(tmp_path / "out.pkl"), "--model", str(vit_dir), "--max-steps", "2", "--strict"]
+    argv = [str(task), str(tmp_path / "out.pkl"), "--model", str(vit_dir), "--max-steps", "2", "--strict", "--gpu-warmup"]
     assert cli.main(argv) == (0 if good_input else cli.EXIT_BAD_INPUT)
     assert finished.is_set()
 
