@@ -135,10 +135,11 @@ def _bad_cases():
     img, lab = task.support[0]
     binary, _ = make_task(TaskTarget.BINARY_CLASSIFICATION)
     multi, _ = make_task(TaskTarget.MULTILABEL_CLASSIFICATION)
-    nan = img.clone()
-    nan[0, 0, 0] = float("nan")
+    nan, inf = img.clone(), img.clone()
+    nan[0, 0, 0], inf[0, 1, 1] = float("nan"), -float("inf")
     return {
         "non-finite": (_with(task, support=[(nan, lab)] + task.support[1:]), "NaN"),
+        "infinite query": (_with(task, query=task.query[:2] + [(inf,)]), "query image 2 contains NaN or infinite"),
         "shapes": (_with(task, support=task.support + [(img[:, :16], lab)]), "shape"),
         "channels": (_with(task, support=[(torch.zeros(2, 32, 32), lab)] * 3), "channels"),
         "empty support": (_with(task, support=[]), "empty"),
