@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{report.steps}/{report.planned_steps}" if report else 0, result.precision,
         tuple(result.probabilities.shape), time.monotonic() - start, elapsed + config.time_budget,
     )  # fmt: skip
-    phases = {"startup and imports": imported - start, "task read": read - imported, "GPU warm-up wait": waited}
+    phases = {"startup and imports": imported - start, "task read": read - imported}
+    phases |= {"GPU warm-up wait": waited} if warmup else {}
     phases |= {k: v for k, v in result.timings.items() if k != "total"}  # model load, adapt, predict
     phases |= {"fallbacks": adapted - read - waited - result.timings.get("total", 0.0), "write": written - adapted}
     phases["total"] = time.monotonic() - start  # a caller's wall time minus this is interpreter exit
