@@ -9,7 +9,9 @@ weights), saved once as local model directories. Each row reports the in-process
 (FLOPs of one training step counted by torch.utils.flop_counter, times steps, over the training
 wall time, warm-up and graph capture included) as a fraction of a bf16 8192^3 matmul measured in
 the same run, and peak GPU memory. CLI rows time `python -m l2l_peft` from process start to
-output written. Rows run best-of-`--repeats` after one warm-up task per backbone.
+output written, `--cli-runs` processes each with a bytecode cache the first one fills; with
+`--cli-python` they run in another interpreter, e.g. the container's package set built by
+slim_env.py. adapt() rows run best-of-`--repeats` after one warm-up task per backbone.
 """
 
 from __future__ import annotations
