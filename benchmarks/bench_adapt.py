@@ -181,7 +181,7 @@ def run_cli(name: str, arch: str, model_dir: Path, support: int, query: int, siz
             runs: int = 3, python: str = sys.executable) -> Row:  # fmt: skip
     """Wall time of whole CLI processes. Python bytecode goes to a cache of its own that the first run
     fills (as an image build does; a read-only site-packages without .pyc files recompiles every
-    run); the row reports the best later run and notes the first."""
+    run); the row reports the best later run and notes every run's wall time."""
     task = work / f"{name}.pkl"
     task.write_bytes(pickle.dumps(make_task(support, query, size)))
     out = work / f"{name}.out.pkl"

@@ -61,6 +61,8 @@ def warm_gpu(bf16: bool = True) -> bool:
         return False
     import torch
 
+    from .attention import has_flash
+
     device = torch.device("cuda")
     dtype = torch.bfloat16 if bf16 and torch.cuda.is_bf16_supported() else torch.float16
     stream = torch.cuda.Stream()  # off the legacy default stream the main thread may use
@@ -70,7 +72,7 @@ def warm_gpu(bf16: bool = True) -> bool:
         with torch.autocast("cuda", dtype=dtype):
             tokens = patch(torch.randn(2, 3, 32, 32, device=device)).flatten(2).transpose(1, 2)  # [2, 4, 64]
             hidden = torch.nn.functional.gelu(mlp(norm(tokens)))
-            if torch.cuda.get_device_capability() >= (8, 0):  # the kernel attention.py calls
+            if has_flash(device.index):  # the kernel attention.py calls
                 q = hidden.unsqueeze(1).to(dtype)  # [2, 1, 4, 64]
                 hidden = torch.ops.aten._scaled_dot_product_flash_attention(q, q, q, 0.0, False, False)[0]
             loss = hidden.float().square().mean()
