@@ -1,12 +1,13 @@
-"""Does torch.compile of each transformer block lift batch-128 training toward the matmul peak?
+"""Does torch.compile lift large-batch training toward the matmul peak?
 
-    CUDA_VISIBLE_DEVICES=0 python benchmarks/compile_probe.py vit-b16 vit-l16
+    CUDA_VISIBLE_DEVICES=0 python benchmarks/compile_probe.py [--only vit-b16]
 
-Per arch: the default recipe at batch 128 eagerly, then with every block compiled (the first run
-pays compilation), then once more (compiled code reused). Run 6
-(benchmarks/results/run6_compile_probe.log) ran under dynamo's default recompile limit (8): each
-block recompiled, so 8 blocks per model were compiled and the rest ran eagerly. The limit is now
-an option (default: enough for every block of ViT-L).
+Each case trains the default recipe at a large batch (200+ support, 500 query), eagerly or with
+the backbone compiled. A compiled case runs twice in one process: the first run pays compilation,
+the second reuses the compiled code (what a long experiment run sees after its first task).
+TFLOP/s are the eager step's counted FLOPs over the measured step time, as in bench_adapt.py.
+Run 6 (run6_compile_probe.log) compiled each block under dynamo's default recompile limit (8),
+so only 8 blocks per model were compiled; the limit is now raised.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from bench_adapt import ARCHS, fresh_accelerate, make_task, matmul_peak, save_model, step_flops, sync
+from bench_adapt import fresh_accelerate, make_task, matmul_peak, save_model, step_flops, sync
 
 from l2l_peft import api
 from l2l_peft.prefix import blocks
@@ -26,36 +27,64 @@ from l2l_peft.task import load_task
 
 BUILD = api.build_classifier
 
+# (arch, support = batch, what is compiled: None, "blocks" or "model", compile mode, AdaptConfig overrides)
+CASES = [
+    ("vit-b16", 128, None, None, {}),
+    ("vit-b16", 128, None, None, dict(lora_dropout=0.0)),
+    ("vit-b16", 128, "blocks", None, {}),
+    ("vit-b16", 128, "model", None, {}),
+    ("vit-b16", 128, "model", None, dict(lora_dropout=0.0)),
+    ("vit-b16", 256, None, None, {}),
+    ("vit-b16", 256, "model", None, {}),
+    ("vit-l16", 128, None, None, {}),
+    ("vit-l16", 128, "model", None, {}),
+    ("vit-l16", 128, "model", None, dict(lora_dropout=0.0)),
+    ("vit-b16", 128, "model", "max-autotune-no-cudagraphs", {}),
+]
 
-def compiled_classifier(extractor, objective, config):
-    model = BUILD(extractor, objective, config)
-    for name in blocks(model.extractor.model):
-        model.extractor.model.get_submodule(name).compile(dynamic=False)
-    return model
+
+def compiling(target: str, mode: str | None):
+    def build(extractor, objective, config):
+        model = BUILD(extractor, objective, config)
+        if target == "model":
+            model.extractor.compile(dynamic=False, mode=mode)
+        else:
+            for name in blocks(model.extractor.model):
+                model.extractor.model.get_submodule(name).compile(dynamic=False, mode=mode)
+        return model
+
+    return build
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("archs", nargs="+", choices=sorted(ARCHS))
+    parser.add_argument("--only", default="", help="run only cases whose arch contains this")
     parser.add_argument("--models", type=Path, default=Path("/tmp/bench_models"))
-    parser.add_argument("--recompile-limit", type=int, default=64)
     args = parser.parse_args()
-    torch._dynamo.config.recompile_limit = args.recompile_limit
+    torch._dynamo.config.recompile_limit = 64  # blocks share one code object: each compiles once
     peak = matmul_peak(8192)
-    print(f"peak {peak:.0f}", flush=True)
-    options = dict(batch_size=128)
-    for arch in args.archs:
+    print(f"{torch.cuda.get_device_name()}: matmul peak {peak:.0f} TFLOP/s", flush=True)
+    flops: dict[tuple, float] = {}
+    for arch, batch, target, mode, overrides in CASES:
+        if args.only not in arch:
+            continue
         model_dir = save_model(arch, args.models, 224)
-        data = load_task(make_task(200, 500, 224))
-        flops = step_flops(load_task(make_task(200, 1, 224)), model_dir, options)
-        for label, build in (("eager", BUILD), ("compiled", compiled_classifier), ("compiled again", compiled_classifier)):
+        options = dict(batch_size=batch, **overrides)
+        data = load_task(make_task(batch, 500, 224))
+        if (arch, batch) not in flops:
+            flops[arch, batch] = step_flops(load_task(make_task(batch, 1, 224)), model_dir, dict(batch_size=batch))
+        build = compiling(target, mode) if target else BUILD
+        for attempt in ("first", "again") if target else ("eager",):
+            torch._dynamo.reset() if attempt == "first" else None
             fresh_accelerate()
+            torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             with mock.patch.object(api, "build_classifier", build):
                 report = api.run(data, model=str(model_dir), **options).train
             sync()
-            rate = report.steps * flops / report.seconds / 1e12
-            print(f"{arch} {label}: wall {time.perf_counter() - start:.1f}s train {report.seconds:.2f}s "
+            rate = report.steps * flops[arch, batch] / report.seconds / 1e12
+            label = f"{arch} batch {batch} {target or 'eager'} {mode or ''} {overrides or ''} {attempt}"
+            print(f"{label}: wall {time.perf_counter() - start:.1f}s train {report.seconds:.2f}s ({report.steps} steps) "
                   f"{report.images_per_second:.0f} img/s {rate:.0f} TFLOP/s {rate / peak:.0%} "
                   f"mem {torch.cuda.max_memory_allocated() / 1e9:.1f} GB loss {report.final_loss:.3f}", flush=True)  # fmt: skip
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import environment
-from .config import ENV_TIME_BUDGET, AdaptConfig, Precision
+from .config import ENV_TIME_BUDGET, AdaptConfig
 from .warmup import GpuWarmup
 
 logger = logging.getLogger("l2l_peft")
@@ -52,8 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strict", action="store_true", help="fail instead of falling back to simpler predictors")
     parser.add_argument(
         "--gpu-warmup", action=argparse.BooleanOptionalAction, default=False,
-        help="start CUDA and load its kernels in a background thread while Python imports; on an H100 this "
-        "saved ~1 s per run in a large environment but nothing with the container's package set (default: off)",
+        help="create the CUDA context in a background thread while Python imports and reads the task (default: off)",
     )  # fmt: skip
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     use_gpu = args.gpu_warmup and not config.cpu
-    warmup = GpuWarmup(bf16=config.precision is not Precision.FP16).start() if use_gpu else None
+    warmup = GpuWarmup().start() if use_gpu else None
     from .api import run
     from .backbone import BackboneError, resolve_model
     from .fallback import run_with_fallbacks
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     finally:
         read = time.monotonic()
-        waited = warmup.wait() if warmup else 0.0  # before any CUDA work of ours (graph capture needs the GPU to itself)
+        waited = warmup.wait() if warmup else 0.0  # before any CUDA work of ours
     elapsed = time.monotonic() - start
     if config.time_budget is None and ENV_TIME_BUDGET not in os.environ:
         config = dataclasses.replace(config, time_budget=CONTAINER_TIME_BUDGET)
