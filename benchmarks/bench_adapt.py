@@ -321,7 +321,6 @@ def plan(smoke: bool) -> tuple[list[tuple], list[tuple], list[tuple]]:
         ("reference L200", "vit-l16", 200, 500, Reference()),
     ]
     cli = [(f"cli {a} s50", a, 50, 500, []) for a in ("vit-s16", "vit-b16", "vit-l16")]
-    cli += [("cli vit-b16 s50, GPU warm-up thread", "vit-b16", 50, 500, ["--gpu-warmup"])]
     return adapt, ref, cli
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 from bench_adapt import ARCHS, fresh_accelerate, make_task, save_model
 from torch.profiler import ProfilerActivity, profile
 

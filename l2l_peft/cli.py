@@ -21,7 +21,6 @@ from typing import NoReturn
 
 from . import environment
 from .config import ENV_TIME_BUDGET, AdaptConfig
-from .warmup import GpuWarmup
 
 logger = logging.getLogger("l2l_peft")
 
@@ -50,10 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             parser.add_argument(flag, type=kind, default=f.default, help=help_text)
     parser.add_argument("--strict", action="store_true", help="fail instead of falling back to simpler predictors")
-    parser.add_argument(
-        "--gpu-warmup", action=argparse.BooleanOptionalAction, default=False,
-        help="create the CUDA context in a background thread while Python imports and reads the task (default: off)",
-    )  # fmt: skip
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
@@ -84,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    use_gpu = args.gpu_warmup and not config.cpu
-    warmup = GpuWarmup().start() if use_gpu else None
-    from .api import run
+    from .api import run  # after the flags are checked: a usage error should not wait for torch
     from .backbone import BackboneError, resolve_model
     from .fallback import run_with_fallbacks
     from .io import save_predictions
@@ -98,10 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     except (TaskError, OSError) as err:
         print(f"error: {args.task}: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    finally:
-        read = time.monotonic()
-        waited = warmup.wait() if warmup else 0.0  # before any CUDA work of ours
-    elapsed = time.monotonic() - start
+    read = time.monotonic()
+    elapsed = read - start
     if config.time_budget is None and ENV_TIME_BUDGET not in os.environ:
         config = dataclasses.replace(config, time_budget=CONTAINER_TIME_BUDGET)
     config = dataclasses.replace(config, time_budget=max(1.0, config.time_budget - elapsed))
@@ -140,9 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         tuple(result.probabilities.shape), time.monotonic() - start, elapsed + config.time_budget,
     )  # fmt: skip
     phases = {"startup and imports": imported - start, "task read": read - imported}
-    phases |= {"GPU warm-up wait": waited} if warmup else {}
     phases |= {k: v for k, v in result.timings.items() if k != "total"}  # model load, adapt, predict
-    phases |= {"fallbacks": adapted - read - waited - result.timings.get("total", 0.0), "write": written - adapted}
+    phases |= {"fallbacks": adapted - read - result.timings.get("total", 0.0), "write": written - adapted}
     phases["total"] = time.monotonic() - start  # a caller's wall time minus this is interpreter exit
     logger.info("timings: %s", ", ".join(f"{name} {seconds:.2f}s" for name, seconds in phases.items()))
     return 0

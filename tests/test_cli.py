@@ -52,35 +52,3 @@ def test_cli_missing_model_strict_fails_clearly(tmp_path):
 def test_parser_mirrors_config_fields():
     args = build_parser().parse_args(["a.pkl", "b.pkl", "--max-steps", "7", "--no-augment", "--method", "dora", "--time-budget", "9.5"])
     assert (args.max_steps, args.augment, args.method, args.time_budget) == (7, False, "dora", 9.5)
-
-
-@pytest.mark.parametrize("good_input", [True, False])
-def test_cli_joins_gpu_warmup_before_returning(tmp_path, vit_dir, monkeypatch, good_input):
-    """Its wait is a timed phase, so the thread must be joined on every path, failed task reads included."""
-    import threading
-    import time
-
-    from l2l_peft import cli, warmup
-
-    finished = threading.Event()
-
-    def slow_context(device: int = 0) -> bool:
-        time.sleep(0.5)
-        finished.set()
-        return False
-
-    monkeypatch.setattr(warmup, "create_cuda_context", slow_context)
-    task = write_task(make_task()[0], tmp_path / "in.pkl")
-    if not good_input:
-        task.write_bytes(b"\x80\x04garbage")
-    argv = [str(task), str(tmp_path / "out.pkl"), "--model", str(vit_dir), "--max-steps", "2", "--strict", "--gpu-warmup"]
-    assert cli.main(argv) == (0 if good_input else cli.EXIT_BAD_INPUT)
-    assert finished.is_set()
-
-
-def test_gpu_warmup_reports_whether_it_ran():
-    from l2l_peft.warmup import GpuWarmup
-
-    warmup = GpuWarmup().start()
-    warmup.wait()
-    assert warmup.ready is torch.cuda.is_available()

@@ -1,0 +1,87 @@
+"""Which attention kernel is fastest for ViT training shapes (197 tokens, head size 64) on this GPU?
+
+    CUDA_VISIBLE_DEVICES=0 python benchmarks/attention_probe.py
+
+Run 6's batch-128 profile gave flash attention 17 % of the step's GPU time for about 4 % of its
+FLOPs: at 197 tokens the kernels' 128-token tiles are mostly padding. Part 1 times forward +
+backward of each SDPA backend on the projections' strided layout; part 2 trains the default
+recipe at batch 128 with each backend (attention.py's direct flash call turned off for the others).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from bench_adapt import fresh_accelerate, make_task, matmul_peak, save_model, step_flops, sync
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from l2l_peft import api, attention, train
+from l2l_peft.task import load_task
+
+BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def kernel_time(backend: SDPBackend, batch: int, heads: int, tokens: int = 197, dim: int = 64, iters: int = 30) -> float:
+    """Milliseconds of one forward + backward on [batch, heads, tokens, dim] views of a [batch, tokens, heads*dim] tensor."""
+    qkv = [torch.randn(batch, tokens, heads * dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    views = lambda: [t.view(batch, tokens, heads, dim).transpose(1, 2) for t in qkv]  # noqa: E731
+    grad = torch.randn(batch, heads, tokens, dim, device="cuda", dtype=torch.bfloat16)
+    with sdpa_kernel([backend]):
+        for i in range(iters + 5):
+            if i == 5:
+                sync()
+                start = time.perf_counter()
+            F.scaled_dot_product_attention(*views()).backward(grad)
+    sync()
+    return 1e3 * (time.perf_counter() - start) / iters
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", type=Path, default=Path("/tmp/bench_models"))
+    args = parser.parse_args()
+    peak = matmul_peak(8192)
+    print(f"{torch.cuda.get_device_name()}: matmul peak {peak:.0f} TFLOP/s", flush=True)
+    for arch, heads in (("vit-b16", 12), ("vit-l16", 16)):
+        flops = 2 * 2 * 128 * heads * 197 * 197 * 64 * 3.5  # QK^T and PV: forward 1x, backward 2.5x
+        for name, backend in BACKENDS.items():
+            try:
+                ms = kernel_time(backend, 128, heads)
+                print(f"{arch} attention batch 128, {name}: {ms:.2f} ms/layer fwd+bwd, {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
+            except RuntimeError as err:
+                print(f"{arch} attention, {name}: unavailable ({str(err).splitlines()[0][:100]})", flush=True)
+    for arch in ("vit-b16", "vit-l16"):
+        model_dir = save_model(arch, args.models, 224)
+        options = dict(batch_size=128)
+        data = load_task(make_task(128, 500, 224))
+        flops = step_flops(load_task(make_task(128, 1, 224)), model_dir, options)
+        for name, backend in BACKENDS.items():
+            direct = name == "flash"
+            try:
+                with ExitStack() as patches:
+                    patches.enter_context(mock.patch.object(train, "ATTENTION_BACKENDS", [backend]))
+                    if not direct:
+                        patches.enter_context(mock.patch.object(attention, "_flash_takes", lambda *a: False))
+                    fresh_accelerate()
+                    report = api.run(data, model=str(model_dir), **options).train
+            except RuntimeError as err:
+                print(f"{arch} training, {name}: failed ({str(err).splitlines()[0][:100]})", flush=True)
+                continue
+            rate = report.steps * flops / report.seconds / 1e12
+            print(f"{arch} training batch 128, {name}{' (direct call)' if direct else ''}: {report.seconds:.2f}s "
+                  f"{report.images_per_second:.0f} img/s {rate:.0f} TFLOP/s {rate / peak:.0%} loss {report.final_loss:.3f}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
