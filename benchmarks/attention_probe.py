@@ -6,6 +6,7 @@ Run 6's batch-128 profile gave flash attention 17 % of the step's GPU time for a
 FLOPs: at 197 tokens the kernels' 128-token tiles are mostly padding. Part 1 times forward +
 backward of each SDPA backend on the projections' strided layout; part 2 trains the default
 recipe at batch 128 with each backend (attention.py's direct flash call turned off for the others).
+Part 0 checks each backend's output and gradients against float64 math attention.
 """
 
 from __future__ import annotations
@@ -47,13 +48,32 @@ def kernel_time(backend: SDPBackend, batch: int, heads: int, tokens: int = 197, 
     return 1e3 * (time.perf_counter() - start) / iters
 
 
+def gradient_errors(backend: SDPBackend, batch: int = 8, heads: int = 12, tokens: int = 197, dim: int = 64) -> list[float]:
+    """Relative error of output, dq, dk, dv against float64 math attention, on the projections' strided layout."""
+    torch.manual_seed(0)
+    base = [torch.randn(batch, tokens, heads * dim, device="cuda", dtype=torch.float64) for _ in range(3)]
+    grad = torch.randn(batch, heads, tokens, dim, device="cuda", dtype=torch.float64)
+    results = []
+    for dtype, kernels in ((torch.float64, [SDPBackend.MATH]), (torch.bfloat16, [backend])):
+        qkv = [t.to(dtype).requires_grad_() for t in base]
+        with sdpa_kernel(kernels):
+            out = F.scaled_dot_product_attention(*[t.view(batch, tokens, heads, dim).transpose(1, 2) for t in qkv])
+        out.backward(grad.to(dtype))
+        results.append([out.double(), *(t.grad.double() for t in qkv)])
+    return [float((b - a).norm() / a.norm()) for a, b in zip(*results)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", type=Path, default=Path("/tmp/bench_models"))
+    parser.add_argument("--parts", default="check,kernels,training", help="comma-separated parts to run")
     args = parser.parse_args()
     peak = matmul_peak(8192)
     print(f"{torch.cuda.get_device_name()}: matmul peak {peak:.0f} TFLOP/s", flush=True)
-    for arch, heads in (("vit-b16", 12), ("vit-l16", 16)):
+    for name, backend in BACKENDS.items() if "check" in args.parts else ():
+        errors = ", ".join(f"{n} {e:.1e}" for n, e in zip(("out", "dq", "dk", "dv"), gradient_errors(backend)))
+        print(f"bf16 {name} vs float64 math, relative error: {errors}", flush=True)
+    for arch, heads in (("vit-b16", 12), ("vit-l16", 16)) if "kernels" in args.parts else ():
         flops = 2 * 2 * 128 * heads * 197 * 197 * 64 * 3.5  # QK^T and PV: forward 1x, backward 2.5x
         for name, backend in BACKENDS.items():
             try:
@@ -61,7 +81,7 @@ def main() -> None:
                 print(f"{arch} attention batch 128, {name}: {ms:.2f} ms/layer fwd+bwd, {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
             except RuntimeError as err:
                 print(f"{arch} attention, {name}: unavailable ({str(err).splitlines()[0][:100]})", flush=True)
-    for arch in ("vit-b16", "vit-l16"):
+    for arch in ("vit-b16", "vit-l16") if "training" in args.parts else ():
         model_dir = save_model(arch, args.models, 224)
         options = dict(batch_size=128)
         data = load_task(make_task(128, 500, 224))
