@@ -55,7 +55,7 @@ def gradient_errors(backend: SDPBackend, batch: int = 8, heads: int = 12, tokens
     grad = torch.randn(batch, heads, tokens, dim, device="cuda", dtype=torch.float64)
     results = []
     for dtype, kernels in ((torch.float64, [SDPBackend.MATH]), (torch.bfloat16, [backend])):
-        qkv = [t.to(dtype).requires_grad_() for t in base]
+        qkv = [t.detach().to(dtype, copy=True).requires_grad_() for t in base]
         with sdpa_kernel(kernels):
             out = F.scaled_dot_product_attention(*[t.view(batch, tokens, heads, dim).transpose(1, 2) for t in qkv])
         out.backward(grad.to(dtype))
