@@ -48,17 +48,21 @@ def kernel_time(backend: SDPBackend, batch: int, heads: int, tokens: int = 197, 
     return 1e3 * (time.perf_counter() - start) / iters
 
 
-def gradient_errors(backend: SDPBackend, batch: int = 8, heads: int = 12, tokens: int = 197, dim: int = 64) -> list[float]:
-    """Relative error of output, dq, dk, dv against float64 math attention, on the projections' strided layout."""
+def gradient_errors(backend: SDPBackend, batch: int, heads: int = 12, tokens: int = 197, dim: int = 64) -> list[float]:
+    """Relative error of output, dq, dk, dv against float64 math attention, in the model's layouts.
+
+    As in attention.py: q, k, v are strided [B, H, S, D] views of [B, S, H*D] projections, and
+    the output goes back to [B, S, H, D] before the next projection, so its gradient arrives strided.
+    """
     torch.manual_seed(0)
     base = [torch.randn(batch, tokens, heads * dim, device="cuda", dtype=torch.float64) for _ in range(3)]
-    grad = torch.randn(batch, heads, tokens, dim, device="cuda", dtype=torch.float64)
+    grad = torch.randn(batch, tokens, heads, dim, device="cuda", dtype=torch.float64)
     results = []
     for dtype, kernels in ((torch.float64, [SDPBackend.MATH]), (torch.bfloat16, [backend])):
         qkv = [t.detach().to(dtype, copy=True).requires_grad_() for t in base]
         with sdpa_kernel(kernels):
             out = F.scaled_dot_product_attention(*[t.view(batch, tokens, heads, dim).transpose(1, 2) for t in qkv])
-        out.backward(grad.to(dtype))
+        out.transpose(1, 2).contiguous().backward(grad.to(dtype))
         results.append([out.double(), *(t.grad.double() for t in qkv)])
     return [float((b - a).norm() / a.norm()) for a, b in zip(*results)]
 
@@ -70,9 +74,10 @@ def main() -> None:
     args = parser.parse_args()
     peak = matmul_peak(8192)
     print(f"{torch.cuda.get_device_name()}: matmul peak {peak:.0f} TFLOP/s", flush=True)
-    for name, backend in BACKENDS.items() if "check" in args.parts else ():
-        errors = ", ".join(f"{n} {e:.1e}" for n, e in zip(("out", "dq", "dk", "dv"), gradient_errors(backend)))
-        print(f"bf16 {name} vs float64 math, relative error: {errors}", flush=True)
+    for batch in (8, 128) if "check" in args.parts else ():
+        for name, backend in BACKENDS.items():
+            errors = ", ".join(f"{n} {e:.1e}" for n, e in zip(("out", "dq", "dk", "dv"), gradient_errors(backend, batch)))
+            print(f"batch {batch}: bf16 {name} vs float64 math, relative error: {errors}", flush=True)
     for arch, heads in (("vit-b16", 12), ("vit-l16", 16)) if "kernels" in args.parts else ():
         flops = 2 * 2 * 128 * heads * 197 * 197 * 64 * 3.5  # QK^T and PV: forward 1x, backward 2.5x
         for name, backend in BACKENDS.items():
