@@ -1,12 +1,12 @@
 """Which attention kernel is fastest for ViT training shapes (197 tokens, head size 64) on this GPU?
 
-    CUDA_VISIBLE_DEVICES=0 python benchmarks/attention_probe.py
+    CUDA_VISIBLE_DEVICES=0 python benchmarks/attention_probe.py [--parts check,kernels,training]
 
 Run 6's batch-128 profile gave flash attention 17 % of the step's GPU time for about 4 % of its
-FLOPs: at 197 tokens the kernels' 128-token tiles are mostly padding. Part 1 times forward +
-backward of each SDPA backend on the projections' strided layout; part 2 trains the default
-recipe at batch 128 with each backend (attention.py's direct flash call turned off for the others).
-Part 0 checks each backend's output and gradients against float64 math attention.
+FLOPs: at 197 tokens the kernels' 128-token tiles are mostly padding. Parts: `check` compares each
+SDPA backend's output and gradients with float64 math attention; `kernels` times forward +
+backward of each on the projections' strided layout; `training` trains the default recipe at
+batch 128 with each (attention.py's direct flash call turned off for the others).
 """
 
 from __future__ import annotations
