@@ -2,7 +2,7 @@
 
     CUDA_VISIBLE_DEVICES=0 python benchmarks/attention_probe.py [--parts check,kernels,training]
 
-Run 6's batch-128 profile gave flash attention 17 % of the step's GPU time for about 4 % of its
+Run 6's batch-128 profile gave flash attention 17 % of the step's GPU time for about 7 % of its
 FLOPs: at 197 tokens the kernels' 128-token tiles are mostly padding. Parts: `check` compares each
 SDPA backend's output and gradients with float64 math attention; `kernels` times forward +
 backward of each on the projections' strided layout; `training` trains the default recipe at
