@@ -30,12 +30,12 @@ def _flash_takes(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | No
         and key.dtype == query.dtype
         and query.shape[-1] % 8 == 0
         and query.shape[-1] <= 256
-        and has_flash(query.device.index)
+        and _has_flash(query.device.index)
     )
 
 
 @lru_cache(maxsize=None)
-def has_flash(device_index: int | None) -> bool:
+def _has_flash(device_index: int | None) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 0)  # flash kernels need Ampere or newer
 
 
