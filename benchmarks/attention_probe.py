@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from unittest import mock
 
@@ -31,6 +32,16 @@ BACKENDS = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
 }
+
+
+@contextmanager
+def training_attention(backend: SDPBackend) -> Iterator[None]:
+    """adapt() trains with `backend`: flash keeps attention.py's direct call, the others go through SDPA."""
+    with ExitStack() as patches:
+        patches.enter_context(mock.patch.object(train, "ATTENTION_BACKENDS", [backend]))
+        if backend is not SDPBackend.FLASH_ATTENTION:
+            patches.enter_context(mock.patch.object(attention, "_flash_takes", lambda *a: False))
+        yield
 
 
 def kernel_time(backend: SDPBackend, batch: int, heads: int, tokens: int = 197, dim: int = 64, iters: int = 30) -> float:
@@ -94,10 +105,7 @@ def main() -> None:
         for name, backend in BACKENDS.items():
             direct = name == "flash"
             try:
-                with ExitStack() as patches:
-                    patches.enter_context(mock.patch.object(train, "ATTENTION_BACKENDS", [backend]))
-                    if not direct:
-                        patches.enter_context(mock.patch.object(attention, "_flash_takes", lambda *a: False))
+                with training_attention(backend):
                     fresh_accelerate()
                     report = api.run(data, model=str(model_dir), **options).train
             except RuntimeError as err:

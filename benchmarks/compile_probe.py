@@ -20,10 +20,11 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+from attention_probe import training_attention
 from bench_adapt import fresh_accelerate, make_task, matmul_peak, save_model, step_flops, sync
 from torch.nn.attention import SDPBackend
 
-from l2l_peft import api, attention, train
+from l2l_peft import api
 from l2l_peft.prefix import blocks
 from l2l_peft.task import load_task
 
@@ -84,15 +85,15 @@ def main() -> None:
             flops[arch, batch] = step_flops(load_task(make_task(batch, 1, 224)), model_dir, dict(batch_size=batch))
         build = compiling(target, mode) if target else BUILD
         for attempt in ("first", "again") if target else ("eager",):
-            torch._dynamo.reset() if attempt == "first" else None
+            if attempt == "first":
+                torch._dynamo.reset()
             fresh_accelerate()
             torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             with ExitStack() as patches:
                 patches.enter_context(mock.patch.object(api, "build_classifier", build))
                 if cudnn:  # attention_probe.py: the kernel is 30 % faster than flash at 197 tokens
-                    patches.enter_context(mock.patch.object(attention, "_flash_takes", lambda *a: False))
-                    patches.enter_context(mock.patch.object(train, "ATTENTION_BACKENDS", [SDPBackend.CUDNN_ATTENTION]))
+                    patches.enter_context(training_attention(SDPBackend.CUDNN_ATTENTION))
                 report = api.run(data, model=str(model_dir), **options).train
             sync()
             rate = report.steps * flops[arch, batch] / report.seconds / 1e12
