@@ -50,7 +50,7 @@ def _config(npz_dir: Path, vit_dir: Path) -> dict:
     """2 datasets x 2 targets x 3 methods, 2 tasks each at 2 shots."""
     return {
         "model": str(vit_dir),
-        "defaults": {"max_steps": 3, "min_steps": 1},
+        "defaults": {"max_steps": 3, "min_steps": 1, "cpu": True},  # on a GPU machine too: the 2-process run is CPU-only
         "bootstrap": 200,
         "suite": {
             "shots": [2], "tasks": 2, "query_per_class": 3, "image_size": 32,
