@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .attention import training_kernels
 from .augment import augment
 from .config import AdaptConfig, Precision
 from .graphs import EagerStep, GraphedStep
@@ -30,10 +30,6 @@ GRAD_CLIP = 1.0
 # Measured on an H100 (benchmarks/results): graphs pay at batch 32 (ViT-B 875 -> 1,129 img/s) but
 # replays ran slower than eager at batch 128 (2,458 -> 1,284 img/s), so larger batches stay eager.
 GRAPH_MAX_BATCH = 64
-# For attention the direct flash call (attention.py) does not take: flash and memory-efficient
-# kernels before cuDNN's, math as the fallback. (The pageable host copies once blamed on cuDNN
-# were the weights moving to the GPU at load: benchmarks/results/run4_trace_before.log.)
-ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class TrainingError(RuntimeError):
@@ -134,7 +130,7 @@ def train(
     trainable = head_params + other_params
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with accelerator.autocast(), sdpa_kernel(ATTENTION_BACKENDS):
+        with accelerator.autocast(), training_kernels():
             loss = objective.loss(model.head(cache.features(x)) if cache else model(x), y)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(trainable, GRAD_CLIP)

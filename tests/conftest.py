@@ -56,6 +56,20 @@ def vit_dir(model_dirs) -> Path:
     return model_dirs["vit"]
 
 
+@pytest.fixture
+def sdpa_calls(monkeypatch) -> list[tuple[bool, bool]]:
+    """(gradients on, cuDNN kernel allowed) of every SDPA call while the fixture is active."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls: list[tuple[bool, bool]] = []
+
+    def recorded(*args, **kwargs):
+        calls.append((torch.is_grad_enabled(), torch.backends.cuda.cudnn_sdp_enabled()))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded)
+    return calls
+
+
 CLASSES = {
     TaskTarget.MULTICLASS_CLASSIFICATION: {0: "a", 1: "b", 2: "c"},
     TaskTarget.BINARY_CLASSIFICATION: {0: "neg", 1: "pos"},

@@ -150,3 +150,10 @@ def test_leave_one_out_script_pretrains_without_each_dataset(data_dir, tmp_path)
         card = (tmp_path / "runs" / "loo" / name / "README.md").read_text()
         assert f"Excluded datasets: {name}." in card
     assert (tmp_path / "runs" / "random_vit_tiny" / "model.safetensors").is_file()
+
+
+def test_pretraining_keeps_attention_off_cudnn(config_path, tmp_path, sdpa_calls):
+    """As adapt(): training forwards run with cuDNN's attention kernel disabled (attention.TRAINING_BACKENDS)."""
+    assert main([str(config_path), "--output", str(tmp_path / "run"), "--stop-at", "1", "--cpu", "--log-level", "WARNING"]) == 0
+    training = [cudnn for grad, cudnn in sdpa_calls if grad]
+    assert training and not any(training)

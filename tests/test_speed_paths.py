@@ -148,3 +148,13 @@ def test_flash_attention_matches_sdpa_and_is_captured():
     graph.replay()
     torch.cuda.synchronize()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_training_keeps_attention_off_cudnn(vit_dir, sdpa_calls):
+    """Every SDPA call of a training step runs with cuDNN's kernel disabled (attention.TRAINING_BACKENDS);
+    prediction keeps SDPA's own choice."""
+    task, _ = make_task(n_support=6, n_query=4)
+    run(task, model=str(vit_dir), cpu=True, max_steps=2, min_steps=2)
+    training = [cudnn for grad, cudnn in sdpa_calls if grad]
+    assert training and not any(training)
+    assert all(cudnn for grad, cudnn in sdpa_calls if not grad)

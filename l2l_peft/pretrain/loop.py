@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 from tqdm.auto import tqdm
 
+from ..attention import training_kernels
 from ..config import AdaptConfig
 from ..datasets import LabelledDataset
 from ..train import TrainingError, make_accelerator
@@ -127,7 +128,7 @@ def pretrain(
             group["lr"] = config.lr * lr_factor(step, fraction, config)
         generator, batches = sampler.draw(step)
         images = torch.cat([augment(x, generator) for x, _ in batches])
-        with accelerator.autocast():
+        with accelerator.autocast(), training_kernels():
             logits = model(images, counts)
         losses = torch.stack([s.objective.loss(z, y) for s, z, (_, y) in zip(sampler.sources, logits, batches)])
         loss = losses.mean()
