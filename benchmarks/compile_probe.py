@@ -48,7 +48,7 @@ CASES = [
     ("vit-b16", 128, "model", None, NO_DROPOUT, True),
     ("vit-b16", 256, "model", None, NO_DROPOUT, True),
     ("vit-l16", 128, "model", None, NO_DROPOUT, True),
-    ("vit-b16", 128, "model", "max-autotune-no-cudagraphs", {}, False),
+    ("vit-b16", 128, "model", "max-autotune-no-cudagraphs", NO_DROPOUT, False),
 ]
 
 
