@@ -82,7 +82,8 @@ def gradient_errors(backend: SDPBackend, batch: int, heads: int = 12, tokens: in
         qkv = [t.detach().to(dtype, copy=True).requires_grad_(n in needs_grad) for n, t in zip("qkv", base)]
         with sdpa_kernel(kernels):
             out = F.scaled_dot_product_attention(*[t.view(batch, tokens, heads, dim).transpose(1, 2) for t in qkv])
-        out.transpose(1, 2).contiguous().backward(grad.to(dtype))
+        if needs_grad:
+            out.transpose(1, 2).contiguous().backward(grad.to(dtype))
         results.append([out.detach().double(), *(t.grad.double() for t in qkv if t.requires_grad)])
     return [float((b - a).norm() / a.norm()) for a, b in zip(*results)]
 
@@ -150,6 +151,11 @@ def check_part(args: argparse.Namespace, peak: float) -> None:
         kernel_time(BACKENDS[name], 64, 12, iters=1)
         print(f"batch 64 after a contiguous-gradient call: bf16 {name} vs float64 math, relative error: "
               f"{_errors_text(gradient_errors(BACKENDS[name], 64), 'qkv')}", flush=True)  # fmt: skip
+        # inference: a forward on contiguous [B, H, S, D] inputs first, then the model's strided views
+        with torch.no_grad(), sdpa_kernel([BACKENDS[name]]):
+            F.scaled_dot_product_attention(*(torch.randn(32, 12, 197, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3)))
+        print(f"batch 32 after a contiguous-input forward: bf16 {name} vs float64 math, relative error: "
+              f"{_errors_text(gradient_errors(BACKENDS[name], 32, needs_grad=''), '')}", flush=True)  # fmt: skip
 
 
 def _errors_text(errors: list[float], needs_grad: str) -> str:
