@@ -142,8 +142,10 @@ def challenge_task(images: torch.Tensor, labels: torch.Tensor, n_support: int, d
     Every image and label gets its own storage: pickling a view writes its whole base tensor, so a
     task cut from one batch would hold that batch once per image (the demo's 60-image task: 722 MB).
     """
-    pairs = [(image.clone(), label.clone()) for image, label in zip(images, labels, strict=True)]
-    return Task(pairs[:n_support], [(image,) for image, _ in pairs[n_support:]], description)
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    support = [(image.clone(), label.clone()) for image, label in zip(images[:n_support], labels[:n_support])]
+    return Task(support, [(image.clone(),) for image in images[n_support:]], description)
 
 
 def load_task(source: str | Path | bytes | Task | TaskData | Any) -> TaskData:
