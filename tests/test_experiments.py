@@ -169,6 +169,7 @@ def test_two_processes_match_one(one_process_run, npz_dir, vit_dir, tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ran 8 tasks in " in proc.stderr and " on 2 process(es): " in proc.stderr  # the throughput line benchmarks read
     one, two = _by_key(read_rows(one_process_run / RESULTS)), _by_key(read_rows(out / RESULTS))
     assert list(one) == list(two)  # same rows, same order
     assert {r["rank"] for r in two.values()} == {0, 1}

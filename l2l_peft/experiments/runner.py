@@ -162,6 +162,7 @@ def run_experiment(config: ExperimentConfig, output: Path) -> Path:
         logger.info("%d tasks x %d variants; %d tasks to run on %d process(es)", len(suite.specs), len(variants), len(todo), accelerator.num_processes)
     world, rank = accelerator.num_processes, accelerator.process_index
     progress = tqdm(total=len(todo), desc="tasks", disable=not accelerator.is_main_process)
+    start_time = time.monotonic()
     for start in range(0, len(todo), world):
         mine = todo[start + rank] if start + rank < len(todo) else None
         rows = run_task(suite, mine[0], mine[1], base, accelerator) if mine else []
@@ -172,6 +173,8 @@ def run_experiment(config: ExperimentConfig, output: Path) -> Path:
     progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        seconds = time.monotonic() - start_time
+        logger.info("ran %d tasks in %.1fs on %d process(es): %.2f tasks/s", len(todo), seconds, world, len(todo) / max(seconds, 1e-9))
         rows = read_rows(results)
         write_summary(rows, output / "summary.md", metric=config.metric, resamples=config.bootstrap, reference=reference)
         write_plots(rows, output, metric=config.metric, resamples=config.bootstrap)

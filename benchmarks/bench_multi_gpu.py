@@ -1,0 +1,150 @@
+"""Do experiments and pretraining give the same results on 2 GPUs as on 1, and how much faster?
+
+    python benchmarks/bench_multi_gpu.py --out /tmp/multi_gpu      # a machine with >= 2 GPUs, minutes
+
+Experiments: one suite on the development data (`--data`, the shipped default backbone, the default
+recipe) launched with 1 and with 2 processes. Rows and metrics must agree (tasks are sampled and
+seeded by identity, not by rank), and tasks/s comes from the runner's own timing of its task loop,
+so start-up and model load are not counted. With `--repeat`, the 1-process run is repeated to show
+how far two runs on one GPU differ (bf16 kernels are not bitwise deterministic).
+Pretraining: the tiny recipe (configs/pretrain_tiny.yaml) for `--steps` steps at equal global batch,
+1 x 512 against 2 x 256 images per step (DDP): loss at each logged step and images/s.
+Writes `multi_gpu.json` and prints a markdown summary. `--smoke` checks the script on the CPU
+(2 gloo processes, one shot count, 4 pretraining steps): machinery only, no speed-up to expect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from l2l_peft.experiments.results import RESULTS, read_rows  # noqa: E402
+
+THROUGHPUT = re.compile(r"ran (\d+) tasks in ([\d.]+)s on (\d+) process")
+
+
+def launch(processes: int, module: str, args: list[str], log: Path, cpu: bool) -> float:
+    """`accelerate launch` on the first `processes` GPUs (or CPU processes); returns wall seconds, raises on failure."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--num_machines", "1",
+        "--mixed_precision", "no" if cpu else "bf16", "--dynamo_backend", "no", *(["--multi_gpu"] if processes > 1 else []),
+        "-m", module, *args,
+    ]  # fmt: skip
+    # keeps the rest of the environment (NCCL_NVLS_ENABLE=0 on the GPU machines)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "" if cpu else ",".join(map(str, range(processes)))}
+    start = time.perf_counter()
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}); see {log}\n{proc.stderr[-2000:]}")
+    return seconds
+
+
+def experiments(out: Path, data: Path, tasks: int, repeat: bool, smoke: bool) -> dict:
+    config = {
+        "model": None,
+        "cpu": smoke,
+        "suite": {"seed": 0, "shots": [1] if smoke else [1, 5, 10, 20], "tasks": tasks, "query_per_class": 2 if smoke else 10,
+                  "split": "test", "sources": [{"kind": "npz", "path": str(data), "exclude": ["lc25000_lung_histo"]}]},
+        "methods": [{"name": "lora", **({"params": {"max_steps": 2, "min_steps": 1}} if smoke else {})}],
+    }  # fmt: skip
+    path = out / "experiments.yaml"
+    path.write_text(yaml.safe_dump(config))
+    runs = {}
+    for name, processes in [("1 GPU", 1), ("2 GPUs", 2)] + ([("1 GPU again", 1)] if repeat else []):
+        run_dir = out / f"experiments_{name.replace(' ', '_')}"
+        log = out / f"experiments_{name.replace(' ', '_')}.log"
+        wall = launch(processes, "l2l_peft.experiments", [str(path), "--output", str(run_dir)], log, smoke)
+        n, seconds, _ = THROUGHPUT.search(log.read_text()).groups()
+        runs[name] = {"processes": processes, "wall_s": round(wall, 1), "tasks": int(n), "task_loop_s": float(seconds),
+                      "tasks_per_s": int(n) / float(seconds), "rows": read_rows(run_dir / RESULTS)}  # fmt: skip
+    reference = {(r["task"], r["variant"]): r["metrics"] for r in runs["1 GPU"]["rows"]}
+    for name, run in runs.items():
+        other = {(r["task"], r["variant"]): r["metrics"] for r in run.pop("rows")}
+        run["same_rows"] = set(other) == set(reference)
+        diffs = [abs(other[k][m] - v) for k, ms in reference.items() if k in other for m, v in ms.items()
+                 if v is not None and other[k].get(m) is not None]  # fmt: skip
+        run["max_metric_diff"] = max(diffs, default=0.0)
+        run["metrics_differing"] = sum(d > 1e-6 for d in diffs)
+        run["metrics_compared"] = len(diffs)
+        run["speedup"] = run["tasks_per_s"] / runs["1 GPU"]["tasks_per_s"]
+    return runs
+
+
+def pretraining(out: Path, data: Path, steps: int, smoke: bool) -> dict:
+    base = yaml.safe_load((REPO / "configs" / "pretrain_tiny.yaml").read_text())
+    batch = 8 if smoke else 512
+    runs = {}
+    for name, processes, per_process in ((f"1 GPU x {batch}", 1, batch), (f"2 GPUs x {batch // 2}", 2, batch // 2)):
+        slug = name.replace(" ", "_")
+        config = base | {"batch_size": per_process, "steps": steps, "log_every": 1 if smoke else 25, "checkpoint_every": steps,
+                         "warmup_steps": 2 if smoke else 50, "sources": [{"kind": "npz", "path": str(data)}]}  # fmt: skip
+        config |= {"image_size": 32, "patch_size": 8, "precision": "no"} if smoke else {}
+        path = out / f"pretrain_{slug}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        args = [str(path), "--output", str(out / f"pretrain_{slug}"), "--no-resume", *(["--cpu"] if smoke else [])]
+        wall = launch(processes, "l2l_peft.pretrain", args, out / f"pretrain_{slug}.log", smoke)
+        log = [json.loads(line) for line in (out / f"pretrain_{slug}" / "log.jsonl").read_text().splitlines()]
+        runs[name] = {"processes": processes, "wall_s": round(wall, 1), "loss": [r["loss"] for r in log], "steps": [r["step"] for r in log],
+                      "images_per_s": statistics.median(r["images_per_s"] for r in log[1:])}  # fmt: skip (the first window holds warm-up)
+    one, two = runs.values()
+    two["speedup"] = two["images_per_s"] / one["images_per_s"]
+    two["max_relative_loss_diff"] = max(abs(a - b) / a for a, b in zip(one["loss"], two["loss"]))
+    return runs
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Device: {result['device']}; torch {result['torch']}; command: `{result['command']}`", "",
+             "| experiments | processes | tasks | task loop s | tasks/s | speed-up | same rows | metrics differing / compared | max difference | wall s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
+    for name, r in result.get("experiments", {}).items():
+        lines.append(f"| {name} | {r['processes']} | {r['tasks']} | {r['task_loop_s']:.1f} | {r['tasks_per_s']:.2f} | {r['speedup']:.2f}x | "
+                     f"{r['same_rows']} | {r['metrics_differing']} / {r['metrics_compared']} | {r['max_metric_diff']:.2g} | {r['wall_s']} |")  # fmt: skip
+    lines += ["", "| pretraining | processes | median images/s | speed-up | loss at each logged step | wall s |", "| --- | ---: | ---: | ---: | --- | ---: |"]
+    for name, r in result.get("pretraining", {}).items():
+        losses = ", ".join(f"{x:.3f}" for x in r["loss"])
+        lines.append(f"| {name} | {r['processes']} | {r['images_per_s']:,.0f} | {r.get('speedup', 1.0):.2f}x | {losses} | {r['wall_s']} |")
+    if "pretraining" in result:
+        two = list(result["pretraining"].values())[1]
+        lines.append(f"\nLargest relative loss difference at a logged step: {two['max_relative_loss_diff']:.1%}.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="npz development data")
+    parser.add_argument("--tasks", type=int, default=4, help="tasks per dataset x target x shots")
+    parser.add_argument("--steps", type=int, default=300, help="pretraining steps")
+    parser.add_argument("--repeat", action="store_true", help="repeat the 1-GPU experiments run")
+    parser.add_argument("--only", default="experiments,pretraining")
+    parser.add_argument("--smoke", action="store_true", help="CPU check of the script (1 task per cell, 4 steps)")
+    args = parser.parse_args()
+    if not args.smoke and torch.cuda.device_count() < 2:
+        sys.exit(f"needs 2 GPUs, found {torch.cuda.device_count()}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = "CPU (smoke)" if args.smoke else torch.cuda.get_device_name()
+    result = {"device": device, "torch": torch.__version__, "command": " ".join(sys.argv)}
+    if "experiments" in args.only:
+        result["experiments"] = experiments(args.out, args.data.resolve(), 1 if args.smoke else args.tasks, args.repeat, args.smoke)
+    if "pretraining" in args.only:
+        result["pretraining"] = pretraining(args.out, args.data.resolve(), 4 if args.smoke else args.steps, args.smoke)
+    (args.out / "multi_gpu.json").write_text(json.dumps(result, indent=2))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
