@@ -85,14 +85,14 @@ def experiments(out: Path, data: Path, tasks: int, repeat: bool, smoke: bool) ->
     return runs
 
 
-def pretraining(out: Path, data: Path, steps: int, layouts: list[tuple[int, int]], seed: int, smoke: bool) -> dict:
+def pretraining(out: Path, data: Path, steps: int, layouts: list[tuple[int, int]], seed: int, compile_: bool, smoke: bool) -> dict:
     """Each (processes, images per process and step) layout; the first is the baseline of speed-up and loss."""
     base = yaml.safe_load((REPO / "configs" / "pretrain_tiny.yaml").read_text())
     runs = {}
     for processes, per_process in layouts:
         name = f"{processes} GPU{'s' if processes > 1 else ''} x {per_process}"
         slug = name.replace(" ", "_")
-        config = base | {"batch_size": per_process, "steps": steps, "seed": seed, "log_every": 1 if smoke else 25, "checkpoint_every": steps,
+        config = base | {"batch_size": per_process, "steps": steps, "seed": seed, "compile": compile_, "log_every": 1 if smoke else 25, "checkpoint_every": steps,
                          "warmup_steps": 2 if smoke else 50, "sources": [{"kind": "npz", "path": str(data)}]}  # fmt: skip
         config |= {"image_size": 32, "patch_size": 8, "precision": "no"} if smoke else {}
         path = out / f"pretrain_{slug}.yaml"
@@ -135,21 +135,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="pretraining steps")
     parser.add_argument("--layouts", default="1x512,2x256,1x256,2x512",
                         help="pretraining runs as PROCESSESxBATCH_PER_PROCESS; the first is the baseline")  # fmt: skip
+    parser.add_argument("--compile", action="store_true", help="pretrain with PretrainConfig.compile")
     parser.add_argument("--seed", type=int, default=0, help="pretraining seed (another seed shows the run-to-run spread of the loss)")
     parser.add_argument("--repeat", action="store_true", help="repeat the 1-GPU experiments run")
     parser.add_argument("--only", default="experiments,pretraining")
     parser.add_argument("--smoke", action="store_true", help="CPU check of the script (1 task per cell, 4 steps)")
     args = parser.parse_args()
-    if not args.smoke and torch.cuda.device_count() < 2:
-        sys.exit(f"needs 2 GPUs, found {torch.cuda.device_count()}")
+    layouts = [(1, 8), (2, 4)] if args.smoke else [tuple(map(int, x.split("x"))) for x in args.layouts.split(",")]
+    needed = max([2 if "experiments" in args.only else 1] + [p for p, _ in layouts if "pretraining" in args.only])
+    if not args.smoke and torch.cuda.device_count() < needed:
+        sys.exit(f"needs {needed} GPUs, found {torch.cuda.device_count()}")
     args.out.mkdir(parents=True, exist_ok=True)
     device = "CPU (smoke)" if args.smoke else torch.cuda.get_device_name()
     result = {"device": device, "torch": torch.__version__, "command": " ".join(sys.argv)}
     if "experiments" in args.only:
         result["experiments"] = experiments(args.out, args.data.resolve(), 1 if args.smoke else args.tasks, args.repeat, args.smoke)
     if "pretraining" in args.only:
-        layouts = [(1, 8), (2, 4)] if args.smoke else [tuple(map(int, x.split("x"))) for x in args.layouts.split(",")]
-        result["pretraining"] = pretraining(args.out, args.data.resolve(), 4 if args.smoke else args.steps, layouts, args.seed, args.smoke)
+        steps = 4 if args.smoke else args.steps
+        result["pretraining"] = pretraining(args.out, args.data.resolve(), steps, layouts, args.seed, args.compile, args.smoke)
     (args.out / "multi_gpu.json").write_text(json.dumps(result, indent=2))
     print(markdown(result))
 

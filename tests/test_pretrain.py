@@ -157,3 +157,17 @@ def test_pretraining_keeps_attention_off_cudnn(config_path, tmp_path, sdpa_calls
     assert main([str(config_path), "--output", str(tmp_path / "run"), "--stop-at", "1", "--cpu", "--log-level", "WARNING"]) == 0
     training = [cudnn for grad, cudnn in sdpa_calls if grad]
     assert training and not any(training)
+
+
+def test_compiled_pretraining_trains_like_eager(config_path, tmp_path):
+    """--compile changes kernels, not the optimisation: same losses (float32 on the CPU), same exported weight names."""
+    args = ["--steps", "2", "--cpu", "--no-resume", "--log-level", "WARNING"]
+    assert main([str(config_path), "--output", str(tmp_path / "eager"), *args]) == 0
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    assert main([str(config_path), "--output", str(tmp_path / "compiled"), "--compile", *args]) == 0
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo did compile the model
+    eager, compiled = ([json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("eager", "compiled"))
+    assert compiled == pytest.approx(eager, rel=1e-3)
+    assert _weights(tmp_path / "eager").keys() == _weights(tmp_path / "compiled").keys()

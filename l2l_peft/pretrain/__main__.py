@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="override the seed")
     parser.add_argument("--stop-at", type=int, help="end this run at this step, schedule unchanged; rerun to continue")
     parser.add_argument("--cpu", action="store_true", default=None, help="train on the CPU")
+    parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (see PretrainConfig.compile)")
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(
             args.config, npz_dir=args.npz_dir, exclude=args.exclude, steps=args.steps, max_minutes=args.max_minutes,
-            seed=args.seed, cpu=args.cpu,
+            seed=args.seed, cpu=args.cpu, compile=args.compile,
         )  # fmt: skip
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -54,6 +54,11 @@ class PretrainConfig:
     grad_clip: float = _help("gradient norm clip", default=1.0)
     precision: Precision = _help("mixed precision: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or no", default=Precision.AUTO)
     cpu: bool = _help("train on the CPU even when a GPU is present", default=False)
+    compile: bool = _help(
+        "torch.compile the model: fewer, fused kernels per step for about a minute of compilation first "
+        "(the tiny ViT's step is mostly fixed per-step cost at batch 512: benchmarks/bench_multi_gpu.py)",
+        default=False,
+    )
     seed: int = _help("seed of the initialisation, sampling and augmentation", default=0)
     # augmentation (pixels in [0, 1] units where it matters)
     crop_scale: tuple[float, float] = _help("random resized crop: area fraction range", default=(0.35, 1.0))

@@ -94,6 +94,8 @@ def pretrain(
         datasets, batch_size=config.batch_size, device=accelerator.device, seed=config.seed, rank=accelerator.process_index
     )
     model = MultiTaskModel(extractor, {s.name: s.objective.n_logits for s in sampler.sources})
+    if config.compile:
+        model.compile(dynamic=False)  # in place: parameter names, checkpoints and the export stay as without
     optimizer = torch.optim.AdamW(
         _param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.999), fused=accelerator.device.type == "cuda"
     )
