@@ -127,7 +127,6 @@ def model_errors(model_dir: Path, batch: int, eval_first: bool = False) -> None:
     labels = torch.arange(batch, device="cuda") % len(CLASSES)
     reference = lora_gradients(model_dir, None, images, labels)
     for name, backend in BACKENDS.items():
-        torch._C._cuda_clearCublasWorkspaces()
         grads = lora_gradients(model_dir, backend, images, labels, eval_first)
         per_block: dict[int, list[float]] = {}
         for key, ref in reference.items():
