@@ -5,8 +5,8 @@
 Experiments: one suite on the development data (`--data`, the shipped default backbone, the default
 recipe) launched with 1 and with 2 processes. Rows and metrics must agree (tasks are sampled and
 seeded by identity, not by rank), and tasks/s comes from the runner's own timing of its task loop,
-so start-up and model load are not counted. With `--repeat`, the 1-process run is repeated to show
-how far two runs on one GPU differ (bf16 kernels are not bitwise deterministic).
+so start-up and model load are not counted. With `--repeat`, the 1-process run is repeated, the
+baseline for how far two runs may differ (run 9: not at all, every metric bit for bit).
 Pretraining: the tiny recipe (configs/pretrain_tiny.yaml) for `--steps` steps in each `--layouts`
 entry (processes x images per process and step, DDP): images/s, and the loss at each logged step
 against the first entry where the global batch is equal (1 x 512 vs 2 x 256).
@@ -112,14 +112,16 @@ def pretraining(out: Path, data: Path, steps: int, layouts: list[tuple[int, int]
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Device: {result['device']}; torch {result['torch']}; command: `{result['command']}`", "",
-             "| experiments | processes | tasks | task loop s | tasks/s | speed-up | same rows | metrics differing / compared | max difference | wall s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
+    lines = [f"Device: {result['device']}; torch {result['torch']}; command: `{result['command']}`"]
+    if "experiments" in result:
+        lines += ["", "| experiments | processes | tasks | task loop s | tasks/s | speed-up | same rows | metrics differing / compared | max difference | wall s |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
     for name, r in result.get("experiments", {}).items():
         lines.append(f"| {name} | {r['processes']} | {r['tasks']} | {r['task_loop_s']:.1f} | {r['tasks_per_s']:.2f} | {r['speedup']:.2f}x | "
                      f"{r['same_rows']} | {r['metrics_differing']} / {r['metrics_compared']} | {r['max_metric_diff']:.2g} | {r['wall_s']} |")  # fmt: skip
-    lines += ["", "| pretraining | global batch | median images/s | speed-up | largest loss difference to the first row | loss at each logged step | wall s |",
-              "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]  # fmt: skip
+    if "pretraining" in result:
+        lines += ["", "| pretraining | global batch | median images/s | speed-up | largest loss difference to the first row | loss at each logged step | wall s |",
+                  "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]  # fmt: skip
     for name, r in result.get("pretraining", {}).items():
         losses = ", ".join(f"{x:.3f}" for x in r["loss"])
         diff = f"{r['max_relative_loss_diff']:.1%}" if "max_relative_loss_diff" in r else "(other batch)"

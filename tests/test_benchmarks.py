@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 from bench_adapt import make_task  # noqa: E402
+from conftest import level_images, save_npz_dataset  # noqa: E402
 
 
 def test_bench_task_images_pickle_on_their_own():
@@ -51,3 +54,19 @@ def test_slim_env_holds_the_dependency_closure_only(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     absent = subprocess.run([python, "-c", "import pytest"], capture_output=True, text=True, timeout=60)
     assert absent.returncode != 0 and "No module named 'pytest'" in absent.stderr  # the test extra is not linked
+
+
+def test_bench_multi_gpu_smoke_compares_one_and_two_processes(tmp_path):
+    """CPU smoke: experiments with 1 and 2 gloo processes give the same rows; both pretraining layouts log."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(24) % 3
+    (tmp_path / "data").mkdir()
+    save_npz_dataset(tmp_path / "data", "levels", level_images(labels, (16, 16), 80, rng), labels, "multiclass", np.array([0] * 12 + [2] * 12))
+    proc = subprocess.run([sys.executable, "bench_multi_gpu.py", "--smoke", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")],
+                          cwd=BENCHMARKS, capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "out" / "multi_gpu.json").read_text())
+    one, two = result["experiments"]["1 GPU"], result["experiments"]["2 GPUs"]
+    assert one["tasks"] == two["tasks"] > 0 and two["same_rows"] and two["metrics_differing"] == 0 < two["metrics_compared"]
+    assert [len(r["loss"]) for r in result["pretraining"].values()] == [4, 4]  # 4 steps each, logged every step
+    assert "| 2 GPUs x 4 | 8 |" in proc.stdout
