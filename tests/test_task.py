@@ -177,3 +177,5 @@ def test_challenge_task_round_trips_and_pickles_each_image_once():
     torch.testing.assert_close(data.query_images, images[6:])
     assert data.support_labels.tolist() == labels[:6].tolist()
     assert len(blob) < 2 * images.numel() * 4  # views would have pickled all 12 images per image
+    with pytest.raises(ValueError, match="12 images but 11 labels"):
+        challenge_task(images, labels[:11], 6, task.description)
