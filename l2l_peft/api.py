@@ -56,6 +56,38 @@ def init_head(model: Classifier, objective: Objective, images: torch.Tensor, lab
     model.head.init_from_prototypes(torch.cat(features), positives.to(accelerator.device))
 
 
+@dataclass
+class Fitted:
+    """A classifier trained on one task's support set, ready to predict (or to give features)."""
+
+    model: Classifier
+    objective: Objective
+    accelerator: Any  # accelerate.Accelerator
+    report: TrainReport
+    trainable_parameters: int
+    loaded_at: float  # time.monotonic() when the backbone was loaded (training starts after it)
+
+
+def fit(data: TaskData, config: AdaptConfig, *, deadline: float | None = None) -> Fitted:
+    """Load the backbone, attach the method and a head, train on the support set."""
+    accelerator = make_accelerator(config)
+    set_seed(config.seed)
+    extractor = load_backbone(config.model, config.cache_dir)
+    loaded = time.monotonic()
+    objective = build_objective(data.target, data.classes, data.support_labels)
+    model = build_classifier(extractor, objective, config).to(accelerator.device)
+    if accelerator.mixed_precision == "bf16":
+        cast_frozen(model, torch.bfloat16)
+    n_trainable = trainable_parameters([model])
+    if config.head_init == "prototype":
+        init_head(model, objective, data.support_images, data.support_labels, accelerator=accelerator, batch_size=config.predict_batch_size)
+    report = train(
+        model, objective, data.support_images, data.support_labels,
+        config=config, accelerator=accelerator, deadline=deadline, predict_images=len(data.query_images),
+    )  # fmt: skip
+    return Fitted(model, objective, accelerator, report, n_trainable, loaded)
+
+
 def run(task: Any, config: AdaptConfig | None = None, **overrides: Any) -> AdaptResult:
     """adapt() with its timings and training report (used by the CLI and the experiments)."""
     start = time.monotonic()
@@ -67,25 +99,14 @@ def run(task: Any, config: AdaptConfig | None = None, **overrides: Any) -> Adapt
     if len(data.query_images) == 0:
         return result
 
-    set_seed(config.seed)
-    extractor = load_backbone(config.model, config.cache_dir)
-    loaded = time.monotonic()
-    objective = build_objective(data.target, data.classes, data.support_labels)
-    model = build_classifier(extractor, objective, config).to(accelerator.device)
-    if accelerator.mixed_precision == "bf16":
-        cast_frozen(model, torch.bfloat16)
-    result.trainable_parameters = trainable_parameters([model])
-    if config.head_init == "prototype":
-        init_head(model, objective, data.support_images, data.support_labels, accelerator=accelerator, batch_size=config.predict_batch_size)
-    result.train = train(
-        model, objective, data.support_images, data.support_labels,
-        config=config, accelerator=accelerator, deadline=deadline, predict_images=len(data.query_images),
-    )  # fmt: skip
+    fitted = fit(data, config, deadline=deadline)
+    result.train, result.trainable_parameters = fitted.report, fitted.trainable_parameters
     trained = time.monotonic()
     result.probabilities = predict(
-        model, objective, data.query_images, accelerator=accelerator, batch_size=config.predict_batch_size
+        fitted.model, fitted.objective, data.query_images, accelerator=fitted.accelerator, batch_size=config.predict_batch_size
     )
     done = time.monotonic()
+    loaded = fitted.loaded_at
     result.timings = {"load": loaded - start, "adapt": trained - loaded, "predict": done - trained, "total": done - start}
     return result
 

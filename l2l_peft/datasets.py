@@ -53,13 +53,19 @@ def _channels_first(images: np.ndarray) -> torch.Tensor:
     return tensor.permute(0, 3, 1, 2).contiguous()
 
 
+def task_type(described: str) -> str:
+    """The manifest's task type; an annotated one such as 'multiclass (ordinal severity)' counts as ordinal."""
+    base, _, note = described.partition("(")
+    return "ordinal" if "ordinal" in note else base.strip()
+
+
 def load_npz(path: str | Path, info: dict) -> LabelledDataset:
     """One dataset of the development-data layout, described by its manifest entry."""
     path = Path(path)
     with np.load(path) as data:
         images, labels = data["images"], data["labels"]
         split = torch.from_numpy(data["split"]) if "split" in data.files else None
-    task = info["task"]
+    task = task_type(info["task"])
     if task not in TASK_TYPES:
         raise ValueError(f"{path.name}: unknown task type {task!r}; expected one of {sorted(TASK_TYPES)}")
     classes = {int(k): v for k, v in info["class_names"].items()}
