@@ -37,8 +37,10 @@ RECIPES: dict[str, dict] = {
     "full": {"method": "full"},
     "lora_all": {"lora_targets": "all"},
     "head": {"method": "head"},
+    "lora_lr3e-3": {"lr_adapter": 3e-3},
+    "lora_long": {"epochs": 100.0, "max_steps": 200},
+    "full_lr1e-4": {"method": "full", "lr_adapter": 1e-4},
 }
-CHUNK = 25  # tasks per output file
 FEATURES_OF = "lora"  # the recipe whose adapted features are kept for transductive rules
 
 
@@ -89,10 +91,11 @@ def main() -> None:
     parser.add_argument("--shots", nargs="+", type=int, default=[1, 5, 10])
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--query-per-class", type=int, default=15)
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--recipes", nargs="+", default=["lora", "full", "lora_all", "head"], choices=list(RECIPES))
     parser.add_argument("--model", default=None, help="backbone (default: the cache's default)")
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--max-minutes", type=float, default=8.0)
+    parser.add_argument("--chunk", type=int, default=25, help="tasks per output file (a GPU call returns files of <= 16 MiB)")
     args = parser.parse_args()
 
     suite = Suite(SuiteConfig(
@@ -104,7 +107,7 @@ def main() -> None:
     deadline = time.monotonic() + 60 * args.max_minutes
     records, done = [], args.start
 
-    def save() -> None:  # files of at most CHUNK tasks: the GPU call returns files of <= 16 MiB
+    def save() -> None:
         if records:
             torch.save(records, args.out / f"study_{done - len(records):04d}_{done:04d}.pt")
             records.clear()
@@ -123,7 +126,7 @@ def main() -> None:
         done += 1
         times = " ".join(f"{k} {v['seconds']:.2f}s" for k, v in record["runs"].items())
         print(f"[{done}/{len(specs)}] {spec.key}: {times}", flush=True)
-        if len(records) == CHUNK:
+        if len(records) == args.chunk:
             save()
     save()
     print(f"done {done} of {len(specs)} tasks (next --start {done})")

@@ -25,15 +25,17 @@ class Head(nn.Module):
         return self.linear(self.norm(features))
 
     @torch.no_grad()
-    def init_from_prototypes(self, features: torch.Tensor, positives: torch.Tensor) -> None:
+    def init_from_prototypes(self, features: torch.Tensor, positives: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         """Each logit starts as the nearest-mean rule between its positive and negative support samples.
 
         Logit j = w_j . z + b_j with w_j along (mean_pos - mean_neg), zero at the midpoint and
         +-_PROTOTYPE_MARGIN at the means: training starts from the prototype classifier, not from chance.
+        `positives` may be soft (probabilities) and samples weighted, for transductive refinement.
         """
         z = self.norm(features.float())
-        pos = positives.float()
-        neg = 1 - pos
+        w = torch.ones(len(z), 1, device=z.device) if weights is None else weights.float().reshape(-1, 1)
+        pos = positives.float() * w
+        neg = (1 - positives.float()) * w
         n_pos, n_neg = pos.sum(0), neg.sum(0)
         valid = (n_pos > 0) & (n_neg > 0)
         mean_pos = pos.T @ z / n_pos.clamp(min=1)[:, None]

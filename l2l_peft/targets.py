@@ -34,6 +34,10 @@ class Objective:
         """[N, n_logits] bool: which support samples each logit should fire for (head init)."""
         return None
 
+    def soft_positives(self, probabilities: torch.Tensor) -> torch.Tensor | None:
+        """[N, n_logits] in [0, 1]: the expected `positives` under predicted probabilities."""
+        return None
+
 
 class Softmax(Objective):
     def __init__(self, n_classes: int) -> None:
@@ -47,6 +51,9 @@ class Softmax(Objective):
 
     def positives(self, labels: torch.Tensor) -> torch.Tensor:
         return F.one_hot(labels, self.n_logits).bool()
+
+    def soft_positives(self, probabilities: torch.Tensor) -> torch.Tensor:
+        return probabilities.float()
 
 
 class Sigmoid(Objective):
@@ -71,6 +78,9 @@ class Sigmoid(Objective):
 
     def positives(self, labels: torch.Tensor) -> torch.Tensor:
         return labels.reshape(len(labels), -1).bool()
+
+    def soft_positives(self, probabilities: torch.Tensor) -> torch.Tensor:
+        return probabilities.float()
 
 
 class Corn(Objective):
@@ -99,6 +109,10 @@ class Corn(Objective):
 
     def positives(self, labels: torch.Tensor) -> torch.Tensor:
         return labels[:, None] > torch.arange(self.n_logits, device=labels.device)
+
+    def soft_positives(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """P(y > k) for k < n_logits: one minus the cumulative grade probabilities."""
+        return (1 - probabilities.float().cumsum(-1)[:, : self.n_logits]).clamp(0, 1)
 
 
 class Regression(Objective):
