@@ -108,6 +108,13 @@ def candidates() -> dict[str, Candidate]:
     out["lora+full+flip"] = mean_of(stored("lora", tta=True), stored("full", tta=True))
     out["lora+lora_all+full+flip"] = mean_of(stored("lora", tta=True), stored("lora_all", tta=True), stored("full", tta=True))
     out["lora+probe"] = mean_of(stored("lora"), frozen_rule("probe"))
+    for name in ("lora_lr3e-3", "lora_long", "full_lr1e-4"):
+        out[name] = stored(name)
+    out["lora_lr3e-3+full"] = mean_of(stored("lora_lr3e-3"), stored("full"))
+    out["lora_long+full"] = mean_of(stored("lora_long"), stored("full"))
+    out["lora+full_lr1e-4"] = mean_of(stored("lora"), stored("full_lr1e-4"))
+    out["full+full_lr1e-4"] = mean_of(stored("full"), stored("full_lr1e-4"))
+    out["lora+full+full_lr1e-4"] = mean_of(stored("lora"), stored("full"), stored("full_lr1e-4"))
     for w in (0.5, 1.0):
         cfg = TransductiveConfig(query_weight=w)
         out[f"trans proto frozen w{w}"] = transductive("frozen", None, cfg)
