@@ -63,9 +63,19 @@ def _process_age() -> float:
         return 0.0
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)  # also through symlinks and hard links
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
 def main(argv: list[str] | None = None) -> int:
     start = time.monotonic() - (_process_age() if argv is None else 0.0)  # argv None: we are the process
     args = build_parser().parse_args(argv)
+    if _same_file(args.task, args.output):
+        print(f"error: the output {args.output} is the input task; give another output path", file=sys.stderr)
+        return EXIT_BAD_INPUT
     scratch = environment.prepare()
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     for noisy in ("transformers", "accelerate", "peft", "torchopt"):

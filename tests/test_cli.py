@@ -52,3 +52,17 @@ def test_cli_missing_model_strict_fails_clearly(tmp_path):
 def test_parser_mirrors_config_fields():
     args = build_parser().parse_args(["a.pkl", "b.pkl", "--max-steps", "7", "--no-augment", "--method", "dora", "--time-budget", "9.5"])
     assert (args.max_steps, args.augment, args.method, args.time_budget) == (7, False, "dora", 9.5)
+
+
+@pytest.mark.parametrize("via", ["same path", "symlink"])
+def test_cli_refuses_output_equal_to_input(tmp_path, via):
+    task_path = write_task(make_task()[0], tmp_path / "in.pkl")
+    before = task_path.read_bytes()
+    out = task_path
+    if via == "symlink":
+        out = tmp_path / "out.pkl"
+        out.symlink_to(task_path)
+    proc = cli(str(task_path), str(out), "--model", "/nonexistent")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "is the input task" in proc.stderr
+    assert task_path.read_bytes() == before
