@@ -15,7 +15,7 @@ from .adapters import apply_method, trainable_parameters
 from .backbone import FeatureExtractor, cast_frozen, load_backbone
 from .config import AdaptConfig, Method, make_config
 from .head import Classifier, Head
-from .predict import predict
+from .predict import fill_with_prior, predict
 from .targets import Objective, build_objective, output_size
 from .task import TaskData, load_task
 from .train import TrainReport, make_accelerator, train
@@ -32,6 +32,7 @@ class AdaptResult:
     train: TrainReport | None = None
     trainable_parameters: int = 0
     precision: str = "no"
+    prior_rows: int = 0  # query rows given the class prior because the time budget ran out
 
 
 def build_classifier(extractor: FeatureExtractor, objective: Objective, config: AdaptConfig) -> Classifier:
@@ -82,9 +83,11 @@ def run(task: Any, config: AdaptConfig | None = None, **overrides: Any) -> Adapt
         config=config, accelerator=accelerator, deadline=deadline, predict_images=len(data.query_images),
     )  # fmt: skip
     trained = time.monotonic()
-    result.probabilities = predict(
-        model, objective, data.query_images, accelerator=accelerator, batch_size=config.predict_batch_size
+    predicted = predict(
+        model, objective, data.query_images, accelerator=accelerator, batch_size=config.predict_batch_size, deadline=deadline
     )
+    result.probabilities = fill_with_prior(predicted, data)
+    result.prior_rows = len(data.query_images) - len(predicted)
     done = time.monotonic()
     result.timings = {"load": loaded - start, "adapt": trained - loaded, "predict": done - trained, "total": done - start}
     return result

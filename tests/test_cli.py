@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
 from conftest import CLASSES, make_task, old_layout, write_task
 from torchcross.data.task import TaskTarget
 
-from l2l_peft.cli import build_parser
+from l2l_peft import fallback, io
+from l2l_peft.cli import Output, Stopped, build_parser
+from l2l_peft.task import load_task
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -66,3 +70,46 @@ def test_cli_refuses_output_equal_to_input(tmp_path, via):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "is the input task" in proc.stderr
     assert task_path.read_bytes() == before
+
+
+def test_sigterm_mid_adaptation_leaves_the_prior_and_exits_promptly(tmp_path, vit_dir):
+    task = make_task(n_support=6, n_query=5)[0]
+    out = tmp_path / "out.pkl"
+    command = [sys.executable, "-m", "l2l_peft", str(write_task(task, tmp_path / "in.pkl")), str(out), "--model", str(vit_dir)]
+    command += ["--cpu", "--max-steps", "1000000", "--min-steps", "1000000", "--log-level", "DEBUG"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    guard = threading.Timer(60, proc.kill)  # a hang fails here, not at the suite's timeout
+    guard.start()
+    try:
+        log = []
+        for line in proc.stdout:
+            log.append(line)
+            if "training 1000000 steps" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        log += proc.stdout.readlines()
+        code = proc.wait()
+    finally:
+        guard.cancel()
+        proc.kill()
+    text = "".join(log)
+    assert code == 128 + signal.SIGTERM, text[-3000:]
+    assert "stopped by SIGTERM" in text and "holds the class prior" in text
+    with out.open("rb") as f:
+        probabilities = pickle.load(f)
+    assert torch.equal(probabilities, fallback.class_prior(load_task(task)))
+
+
+def test_a_signal_during_a_write_waits_until_the_file_is_written(tmp_path, monkeypatch):
+    real = io.save_predictions
+
+    def interrupted(probabilities, path):
+        os.kill(os.getpid(), signal.SIGTERM)
+        real(probabilities, path)
+
+    monkeypatch.setattr(io, "save_predictions", interrupted)
+    with Output(tmp_path / "out.pkl") as output, pytest.raises(Stopped):
+        output.write(torch.ones(2, 2), "ones")
+    assert output.holds == "ones"
+    assert torch.equal(pickle.loads((tmp_path / "out.pkl").read_bytes()), torch.ones(2, 2))
