@@ -17,6 +17,7 @@ import atexit
 import dataclasses
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -37,6 +38,23 @@ logger = logging.getLogger("l2l_peft")
 
 CONTAINER_TIME_BUDGET = 600.0  # seconds; a safe whole-run default when neither flag nor env var sets one
 EXIT_BAD_INPUT, EXIT_NO_MODEL, EXIT_WRITE = 2, 3, 4
+MAX_ERROR = 500  # characters of an error line
+
+
+def _fail(message: str, code: int) -> int:
+    """Print `error: MESSAGE` as one line of at most MAX_ERROR characters; returns the exit code."""
+    text = " ".join(message.split())
+    if len(text) > MAX_ERROR:
+        text = f"{text[:MAX_ERROR]}... ({len(text)} characters)"
+    print(f"error: {text}", file=sys.stderr)
+    return code
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """Usage errors as one line too (argparse prints the usage first and echoes bad values whole)."""
+        _fail(f"{message} (see --help)", EXIT_BAD_INPUT)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 def _field_type(hint: typing.Any) -> typing.Any:
@@ -45,7 +63,7 @@ def _field_type(hint: typing.Any) -> typing.Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="l2l-peft", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="l2l-peft", description=__doc__.split("\n\n")[0])
     parser.add_argument("task", type=Path, help="input task pickle (torchcross Task, old or new layout)")
     parser.add_argument("output", type=Path, help="where to write the pickled probability tensor")
     hints = typing.get_type_hints(AdaptConfig)
@@ -127,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic() - (_process_age() if argv is None else 0.0)  # argv None: we are the process
     args = build_parser().parse_args(argv)
     if _same_file(args.task, args.output):
-        print(f"error: the output {args.output} is the input task; give another output path", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _fail(f"the output {args.output} is the input task; give another output path", EXIT_BAD_INPUT)
     scratch = environment.prepare()
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     for noisy in ("transformers", "accelerate", "peft", "torchopt"):
@@ -139,17 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(AdaptConfig)}
     try:
         config = AdaptConfig(**values).with_env()
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except ValueError as err:  # name the flag, not the field: AdaptConfig.time_budget -> --time-budget
+        return _fail(re.sub(r"AdaptConfig\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(err)), EXIT_BAD_INPUT)
     from .task import TaskError, load_task  # after the flags are checked: a usage error should not wait for torch
 
     imported = time.monotonic()
     try:
         data = load_task(args.task)
     except (TaskError, OSError) as err:
-        print(f"error: {args.task}: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _fail(f"{args.task}: {err}", EXIT_BAD_INPUT)
+    except (MemoryError, RuntimeError) as err:  # failed allocations (torch's are RuntimeErrors), recursion limits
+        reason = f"{type(err).__name__}: {str(err) or 'out of memory'}"
+        return _fail(f"{args.task}: cannot read the task ({reason})", EXIT_BAD_INPUT)
     phases = {"startup and imports": imported - start, "task read": time.monotonic() - imported}
     logger.info(
         "task %s: %s, %d classes, %d support, %d query, images %s",
@@ -164,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + stop.signum
 
 
-def _answer(data: TaskData, config: AdaptConfig, output: Output, *, strict: bool, start: float, phases: dict[str, float]) -> int:
+def _answer(
+    data: TaskData, config: AdaptConfig, output: Output, *, strict: bool, start: float, phases: dict[str, float]
+) -> int:
     """The class prior on disk first (unless strict), then the best predictions within the budget."""
     from .api import run
     from .backbone import BackboneError, resolve_model
@@ -178,8 +198,7 @@ def _answer(data: TaskData, config: AdaptConfig, output: Output, *, strict: bool
             output.write(class_prior(data), prior)
             logger.info("wrote %s to %s; better predictions replace it when ready", prior, output.path)
     except OSError as err:
-        print(f"error: cannot write {output.path}: {err}", file=sys.stderr)
-        return EXIT_WRITE
+        return _fail(f"cannot write {output.path}: {err}", EXIT_WRITE)
     phases["class prior"] = time.monotonic() - begun
     elapsed = time.monotonic() - start
     if config.time_budget is None and ENV_TIME_BUDGET not in os.environ:
@@ -191,16 +210,14 @@ def _answer(data: TaskData, config: AdaptConfig, output: Output, *, strict: bool
         try:
             result, how = run(data, config), "adapted"
         except BackboneError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return EXIT_NO_MODEL
+            return _fail(str(err), EXIT_NO_MODEL)
     else:
         result, how = run_with_fallbacks(data, config)
     adapted = time.monotonic()
     try:
         output.write(result.probabilities, how)
     except OSError as err:
-        print(f"error: cannot write {output.path}: {err}", file=sys.stderr)
-        return EXIT_WRITE
+        return _fail(f"cannot write {output.path}: {err}", EXIT_WRITE)
     written = time.monotonic()
     try:
         model = resolve_model(config.model, config.cache_dir).name

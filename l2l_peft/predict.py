@@ -67,7 +67,8 @@ def fill_with_prior(probabilities: torch.Tensor, data: TaskData) -> torch.Tensor
     if done == total:
         return probabilities
     logger.warning(
-        "time budget spent after predicting %d of %d query images: the other %d get the class prior of the support labels",
+        "time budget spent after predicting %d of %d query images: the other %d get the class prior of the "
+        "support labels",
         done, total, total - done,
     )  # fmt: skip
     return torch.cat([probabilities, class_prior(data)[done:]])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,8 @@ from conftest import CLASSES, make_task, old_layout, write_task
 from torchcross.data.task import TaskTarget
 
 from l2l_peft import fallback, io
-from l2l_peft.cli import Output, Stopped, build_parser
+from l2l_peft import task as task_module
+from l2l_peft.cli import Output, Stopped, build_parser, main
 from l2l_peft.task import load_task
 
 
@@ -75,8 +77,8 @@ def test_cli_refuses_output_equal_to_input(tmp_path, via):
 def test_sigterm_mid_adaptation_leaves_the_prior_and_exits_promptly(tmp_path, vit_dir):
     task = make_task(n_support=6, n_query=5)[0]
     out = tmp_path / "out.pkl"
-    command = [sys.executable, "-m", "l2l_peft", str(write_task(task, tmp_path / "in.pkl")), str(out), "--model", str(vit_dir)]
-    command += ["--cpu", "--max-steps", "1000000", "--min-steps", "1000000", "--log-level", "DEBUG"]
+    command = [sys.executable, "-m", "l2l_peft", str(write_task(task, tmp_path / "in.pkl")), str(out)]
+    command += ["--model", str(vit_dir), "--cpu", "--max-steps", "1000000", "--min-steps", "1000000", "--log-level", "DEBUG"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     guard = threading.Timer(60, proc.kill)  # a hang fails here, not at the suite's timeout
@@ -113,3 +115,50 @@ def test_a_signal_during_a_write_waits_until_the_file_is_written(tmp_path, monke
         output.write(torch.ones(2, 2), "ones")
     assert output.holds == "ones"
     assert torch.equal(pickle.loads((tmp_path / "out.pkl").read_bytes()), torch.ones(2, 2))
+
+
+@pytest.mark.parametrize("damage", ["truncated-weights", "garbage-preprocessor"])
+def test_cli_strict_damaged_model_is_one_line_exit_3(tmp_path, vit_dir, damage):
+    model = shutil.copytree(vit_dir, tmp_path / "model")
+    if damage == "truncated-weights":
+        weights = model / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        (model / "preprocessor_config.json").write_bytes(b"\x00garbage{")
+    task_path = write_task(make_task()[0], tmp_path / "in.pkl")
+    proc = cli(str(task_path), str(tmp_path / "out.pkl"), "--model", str(model), "--strict", "--cpu")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error:") and str(model) in proc.stderr
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "0"])
+def test_time_budget_must_be_finite_and_positive(value, capsys):
+    assert main(["in.pkl", "out.pkl", f"--time-budget={value}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --time-budget must be")
+
+
+def test_time_budget_from_the_environment_is_checked(monkeypatch, capsys):
+    monkeypatch.setenv("L2L_PEFT_TIME_BUDGET", "nan")
+    assert main(["in.pkl", "out.pkl"]) == 2
+    assert "$L2L_PEFT_TIME_BUDGET must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--lora-targets", "--method", "--max-steps"])
+def test_huge_bad_values_are_not_echoed(flag, capsys):
+    try:
+        code = main(["in.pkl", "out.pkl", flag, "x" * 1_000_000])
+    except SystemExit as exit_:  # argparse's own checks (choices, types)
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and len(err) < 600 and flag in err
+
+
+@pytest.mark.parametrize("allocate", [lambda: torch.empty(2**50), lambda: bytearray(2**50)], ids=["torch", "python"])
+def test_failed_allocation_while_reading_is_one_line_exit_2(tmp_path, monkeypatch, capsys, allocate):
+    task_path = write_task(make_task()[0], tmp_path / "in.pkl")
+    monkeypatch.setattr(task_module, "load_task", lambda path: allocate())
+    assert main([str(task_path), str(tmp_path / "out.pkl")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read the task" in err
+    assert not (tmp_path / "out.pkl").exists()
