@@ -99,5 +99,7 @@ def adapt(task: Any, config: AdaptConfig | None = None, **overrides: Any) -> tor
     `task` is a torchcross Task (old or new layout) or a path to its pickle. Returns float32 CPU
     [n_query, n_outputs]: softmax rows for multiclass/ordinal, sigmoid columns for binary/
     multilabel, raw values for regression. Overrides are AdaptConfig fields, e.g. max_steps=50.
+    With a time_budget, query rows that prediction did not reach in time get the class prior of the
+    support labels (logged; run() reports how many as prior_rows).
     """
     return run(task, config, **overrides).probabilities
