@@ -24,6 +24,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from l2l_peft.backbone import looks_like_path
 from l2l_peft.cache import PrefetchError, copy_local, describe, fetch_hub, probe_offline, record
 
 DEFAULT_MODEL = "facebook/dinov2-small"
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _is_local(name: str) -> bool:
-    return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    return Path(name).exists() or looks_like_path(name)
 
 
 def prefetch(name: str, cache: Path, *, revision: str | None, make_default: bool) -> None:

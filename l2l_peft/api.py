@@ -15,7 +15,7 @@ from .adapters import apply_method, trainable_parameters
 from .backbone import FeatureExtractor, cast_frozen, load_backbone
 from .config import AdaptConfig, Method, make_config
 from .head import Classifier, Head
-from .predict import predict
+from .predict import fill_with_prior, predict
 from .targets import Objective, build_objective, output_size
 from .task import TaskData, load_task
 from .train import TrainReport, make_accelerator, train
@@ -32,6 +32,7 @@ class AdaptResult:
     train: TrainReport | None = None
     trainable_parameters: int = 0
     precision: str = "no"
+    prior_rows: int = 0  # query rows given the class prior because the time budget ran out
 
 
 def build_classifier(extractor: FeatureExtractor, objective: Objective, config: AdaptConfig) -> Classifier:
@@ -102,9 +103,12 @@ def run(task: Any, config: AdaptConfig | None = None, **overrides: Any) -> Adapt
     fitted = fit(data, config, deadline=deadline)
     result.train, result.trainable_parameters = fitted.report, fitted.trainable_parameters
     trained = time.monotonic()
-    result.probabilities = predict(
-        fitted.model, fitted.objective, data.query_images, accelerator=fitted.accelerator, batch_size=config.predict_batch_size
+    predicted = predict(
+        fitted.model, fitted.objective, data.query_images, accelerator=fitted.accelerator,
+        batch_size=config.predict_batch_size, deadline=deadline,
     )
+    result.probabilities = fill_with_prior(predicted, data)
+    result.prior_rows = len(data.query_images) - len(predicted)
     done = time.monotonic()
     loaded = fitted.loaded_at
     result.timings = {"load": loaded - start, "adapt": trained - loaded, "predict": done - trained, "total": done - start}
@@ -117,5 +121,7 @@ def adapt(task: Any, config: AdaptConfig | None = None, **overrides: Any) -> tor
     `task` is a torchcross Task (old or new layout) or a path to its pickle. Returns float32 CPU
     [n_query, n_outputs]: softmax rows for multiclass/ordinal, sigmoid columns for binary/
     multilabel, raw values for regression. Overrides are AdaptConfig fields, e.g. max_steps=50.
+    With a time_budget, query rows that prediction did not reach in time get the class prior of the
+    support labels (logged; run() reports how many as prior_rows).
     """
     return run(task, config, **overrides).probabilities

@@ -86,9 +86,17 @@ def resolve_model(model: str | None, cache_dir: str | None) -> ModelSource:
     entry = manifest["models"].get(model, {})
     if entry.get("path") and cache is not None:  # a model stored as a plain directory in the cache
         return ModelSource(model, str(cache / entry["path"]), None)
-    if Path(model).is_dir():
-        return ModelSource(model, str(Path(model)), None)
+    directory = Path(model).expanduser()
+    if directory.is_dir():
+        return ModelSource(model, str(directory), None)
+    if looks_like_path(model):
+        raise BackboneError(f"model directory `{model}` does not exist (hub ids have the form org/name)")
     return ModelSource(model, model, str(cache) if cache else None)
+
+
+def looks_like_path(name: str) -> bool:
+    """A name meant as a local directory, not a hub id (`name` or `org/name`)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 def _model_class(model_type: str) -> Any:
@@ -108,19 +116,30 @@ def load_hf_model(source: ModelSource) -> tuple[nn.Module, dict[str, Any]]:
         config = AutoConfig.from_pretrained(source.location, **kwargs)
         extra = {"add_pooling_layer": False} if config.model_type in _NO_POOLER else {}
         model = _model_class(config.model_type).from_pretrained(source.location, **kwargs, **extra)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - a damaged directory fails with many types (safetensors' own among them)
         hint = (
-            f"`{source.location}` is not a model directory (no config.json / weights)"
+            f"`{source.location}` is not a model directory, or a damaged one (config.json and weights must load)"
             if Path(source.location).is_dir()
             else f"model `{source.name}` is not in the cache {source.cache_dir or 'HF default'}; "
             f"run `python prefetch.py --model {source.name}` on a machine with internet"
         )
-        raise BackboneError(f"{hint} ({type(err).__name__}: {str(err).splitlines()[0]})") from err
+        raise BackboneError(f"{hint} ({_describe(err)})") from err
     preprocessor = cached_file(
         source.location, "preprocessor_config.json", **kwargs, _raise_exceptions_for_missing_entries=False
     )
-    prep = json.loads(Path(preprocessor).read_text()) if preprocessor else {}
+    try:
+        prep = json.loads(Path(preprocessor).read_text()) if preprocessor else {}
+    except (OSError, ValueError) as err:
+        raise BackboneError(f"{preprocessor} is not readable JSON ({_describe(err)})") from err
+    if not isinstance(prep, dict):
+        raise BackboneError(f"{preprocessor} is not a JSON object")
     return model, prep
+
+
+def _describe(err: BaseException) -> str:
+    """`Type: first line of the message`, at most 200 characters of it."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200] if lines else '(no message)'}"
 
 
 def _input_size(prep: dict[str, Any], config: Any) -> int:
@@ -231,7 +250,11 @@ class _OwnDtypeLayerNorm(nn.LayerNorm):
 def _load(source: ModelSource) -> FeatureExtractor:
     model, prep = load_hf_model(source)
     use_flash_attention(model)
-    extractor = FeatureExtractor(model, prep)
+    try:
+        extractor = FeatureExtractor(model, prep)
+    except (TypeError, ValueError, RuntimeError) as err:
+        message = f"model `{source.name}` does not run with its preprocessor_config.json ({_describe(err)})"
+        raise BackboneError(message) from err
     extractor.requires_grad_(False)
     return extractor
 

@@ -1,8 +1,13 @@
 """Command line: `python -m l2l_peft TASK.pkl OUT.pkl [options]` (also the `l2l-peft` script).
 
-Flags mirror AdaptConfig fields (`--max-steps` sets max_steps). By default a run that fails
-after the task was read degrades to simpler predictors instead of failing (see fallback.py), so
-the challenge always gets a valid output; `--strict` turns that off.
+Flags mirror AdaptConfig fields (`--max-steps` sets max_steps). Once the task is read the output
+always holds a valid answer: the class prior of the support labels is written first and replaced
+by the best predictions when they are ready; a run that fails degrades to simpler predictors (see
+fallback.py), and SIGTERM or SIGINT end the run at once with what the file holds. `--strict`
+turns the prior and the fallbacks off.
+
+Exit status: 0 written; 2 unreadable or invalid task or flags; 3 no backbone (--strict); 4 output
+not writable; 128 + the signal number (143 SIGTERM, 130 SIGINT) when stopped by a signal.
 """
 
 from __future__ import annotations
@@ -12,20 +17,44 @@ import atexit
 import dataclasses
 import logging
 import os
+import re
+import signal
 import sys
 import time
 import typing
 from enum import Enum
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from . import environment
 from .config import ENV_TIME_BUDGET, AdaptConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from .task import TaskData
 
 logger = logging.getLogger("l2l_peft")
 
 CONTAINER_TIME_BUDGET = 600.0  # seconds; a safe whole-run default when neither flag nor env var sets one
 EXIT_BAD_INPUT, EXIT_NO_MODEL, EXIT_WRITE = 2, 3, 4
+MAX_ERROR = 500  # characters of an error line
+
+
+def _fail(message: str, code: int) -> int:
+    """Print `error: MESSAGE` as one line of at most MAX_ERROR characters; returns the exit code."""
+    text = " ".join(message.split())
+    if len(text) > MAX_ERROR:
+        text = f"{text[:MAX_ERROR]}... ({len(text)} characters)"
+    print(f"error: {text}", file=sys.stderr)
+    return code
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """Usage errors as one line too (argparse prints the usage first and echoes bad values whole)."""
+        _fail(f"{message} (see --help)", EXIT_BAD_INPUT)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 def _field_type(hint: typing.Any) -> typing.Any:
@@ -34,7 +63,7 @@ def _field_type(hint: typing.Any) -> typing.Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="l2l-peft", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="l2l-peft", description=__doc__.split("\n\n")[0])
     parser.add_argument("task", type=Path, help="input task pickle (torchcross Task, old or new layout)")
     parser.add_argument("output", type=Path, help="where to write the pickled probability tensor")
     hints = typing.get_type_hints(AdaptConfig)
@@ -63,9 +92,60 @@ def _process_age() -> float:
         return 0.0
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)  # also through symlinks and hard links
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT arrived (a BaseException, so the fallback chain does not catch it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Output:
+    """The output file and what it holds. While active (a context), SIGTERM and SIGINT raise Stopped
+    at once, except during a write, which they never interrupt: they raise when it is done."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.holds = path, "nothing"
+        self._writing, self._pending, self._previous = False, 0, {}
+
+    def __enter__(self) -> Output:
+        self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if not self._writing:
+            raise Stopped(signum)
+        self._pending = signum
+
+    def write(self, probabilities: torch.Tensor, what: str) -> None:
+        from .io import save_predictions
+
+        self._writing = True
+        try:
+            save_predictions(probabilities, self.path)
+            self.holds = what
+        finally:
+            self._writing = False
+            if self._pending:
+                raise Stopped(self._pending)
+
+
 def main(argv: list[str] | None = None) -> int:
     start = time.monotonic() - (_process_age() if argv is None else 0.0)  # argv None: we are the process
     args = build_parser().parse_args(argv)
+    if _same_file(args.task, args.output):
+        return _fail(f"the output {args.output} is the input task; give another output path", EXIT_BAD_INPUT)
     scratch = environment.prepare()
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     for noisy in ("transformers", "accelerate", "peft", "torchopt"):
@@ -76,47 +156,68 @@ def main(argv: list[str] | None = None) -> int:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(AdaptConfig)}
     try:
         config = AdaptConfig(**values).with_env()
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    from .api import run  # after the flags are checked: a usage error should not wait for torch
-    from .backbone import BackboneError, resolve_model
-    from .fallback import run_with_fallbacks
-    from .io import save_predictions
-    from .task import TaskError, load_task
+    except ValueError as err:  # name the flag, not the field: AdaptConfig.time_budget -> --time-budget
+        return _fail(re.sub(r"AdaptConfig\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(err)), EXIT_BAD_INPUT)
+    from .task import TaskError, load_task  # after the flags are checked: a usage error should not wait for torch
 
     imported = time.monotonic()
     try:
         data = load_task(args.task)
     except (TaskError, OSError) as err:
-        print(f"error: {args.task}: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    read = time.monotonic()
-    elapsed = read - start
-    if config.time_budget is None and ENV_TIME_BUDGET not in os.environ:
-        config = dataclasses.replace(config, time_budget=CONTAINER_TIME_BUDGET)
-    config = dataclasses.replace(config, time_budget=max(1.0, config.time_budget - elapsed))
+        return _fail(f"{args.task}: {err}", EXIT_BAD_INPUT)
+    except (MemoryError, RuntimeError) as err:  # failed allocations (torch's are RuntimeErrors), recursion limits
+        reason = f"{type(err).__name__}: {str(err) or 'out of memory'}"
+        return _fail(f"{args.task}: cannot read the task ({reason})", EXIT_BAD_INPUT)
+    phases = {"startup and imports": imported - start, "task read": time.monotonic() - imported}
     logger.info(
         "task %s: %s, %d classes, %d support, %d query, images %s",
         data.task_identifier or args.task.name, data.target.name, len(data.classes),
         len(data.support_images), len(data.query_images), tuple(data.support_images.shape[1:]),
     )  # fmt: skip
+    with Output(args.output) as output:
+        try:
+            return _answer(data, config, output, strict=args.strict, start=start, phases=phases)
+        except Stopped as stop:
+            logger.warning("stopped by %s: %s holds %s; exit %d", stop, output.path, output.holds, 128 + stop.signum)
+            return 128 + stop.signum
 
-    if args.strict:
+
+def _answer(
+    data: TaskData, config: AdaptConfig, output: Output, *, strict: bool, start: float, phases: dict[str, float]
+) -> int:
+    """The class prior on disk first (unless strict), then the best predictions within the budget."""
+    from .api import run
+    from .backbone import BackboneError, resolve_model
+    from .fallback import run_with_fallbacks
+    from .targets import class_prior
+
+    prior = "the class prior of the support labels"
+    begun = time.monotonic()
+    try:
+        if not strict:
+            output.write(class_prior(data), prior)
+            logger.info("wrote %s to %s; better predictions replace it when ready", prior, output.path)
+    except OSError as err:
+        return _fail(f"cannot write {output.path}: {err}", EXIT_WRITE)
+    phases["class prior"] = time.monotonic() - begun
+    elapsed = time.monotonic() - start
+    if config.time_budget is None and ENV_TIME_BUDGET not in os.environ:
+        config = dataclasses.replace(config, time_budget=CONTAINER_TIME_BUDGET)
+    config = dataclasses.replace(config, time_budget=max(1.0, config.time_budget - elapsed))
+
+    begun = time.monotonic()
+    if strict:
         try:
             result, how = run(data, config), "adapted"
         except BackboneError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return EXIT_NO_MODEL
+            return _fail(str(err), EXIT_NO_MODEL)
     else:
         result, how = run_with_fallbacks(data, config)
     adapted = time.monotonic()
-
     try:
-        save_predictions(result.probabilities, args.output)
+        output.write(result.probabilities, how)
     except OSError as err:
-        print(f"error: cannot write {args.output}: {err}", file=sys.stderr)
-        return EXIT_WRITE
+        return _fail(f"cannot write {output.path}: {err}", EXIT_WRITE)
     written = time.monotonic()
     try:
         model = resolve_model(config.model, config.cache_dir).name
@@ -124,15 +225,15 @@ def main(argv: list[str] | None = None) -> int:
         model = config.model or "(none)"
     report = result.train
     logger.info(
-        "%s: model %s, target %s, support %d, query %d, method %s, steps %s, precision %s, output %s, "
+        "%s: model %s, target %s, support %d, query %d, method %s, steps %s, precision %s, output %s%s, "
         "%.1fs of %.0fs budget",
         how, model, data.target.name, len(data.support_images), len(data.query_images), config.method.value,
-        f"{report.steps}/{report.planned_steps}" if report else 0, result.precision,
-        tuple(result.probabilities.shape), time.monotonic() - start, elapsed + config.time_budget,
+        f"{report.steps}/{report.planned_steps}" if report else 0, result.precision, tuple(result.probabilities.shape),
+        f" ({result.prior_rows} rows class prior: out of time)" if result.prior_rows else "",
+        time.monotonic() - start, elapsed + config.time_budget,
     )  # fmt: skip
-    phases = {"startup and imports": imported - start, "task read": read - imported}
     phases |= {k: v for k, v in result.timings.items() if k != "total"}  # model load, adapt, predict
-    phases |= {"fallbacks": adapted - read - result.timings.get("total", 0.0), "write": written - adapted}
+    phases |= {"fallbacks": adapted - begun - result.timings.get("total", 0.0), "write": written - adapted}
     phases["total"] = time.monotonic() - start  # a caller's wall time minus this is interpreter exit
     logger.info("timings: %s", ", ".join(f"{name} {seconds:.2f}s" for name, seconds in phases.items()))
     return 0

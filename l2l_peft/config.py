@@ -7,6 +7,7 @@ Field names double as CLI flags (`max_steps` -> `--max-steps`) and as keyword ov
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from enum import Enum
@@ -111,37 +112,60 @@ class AdaptConfig:
     def __post_init__(self) -> None:
         self.precision = _enum(Precision, self.precision, "precision")
         self.method = _enum(Method, self.method, "method")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison below
+                raise ValueError(f"AdaptConfig.{f.name} must be a finite number, got {value}")
         positive = ("max_steps", "lora_rank", "batch_size", "predict_batch_size", "vpt_tokens")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"AdaptConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+                raise ValueError(f"AdaptConfig.{name} must be >= 1, got {_short(getattr(self, name))}")
         if self.min_steps < 0 or self.min_steps > self.max_steps:
             self.min_steps = min(max(self.min_steps, 0), self.max_steps)
         if self.time_budget is not None and self.time_budget <= 0:
-            raise ValueError(f"AdaptConfig.time_budget must be > 0 seconds, got {self.time_budget!r}")
+            raise ValueError(f"AdaptConfig.time_budget must be > 0 seconds, got {_short(self.time_budget)}")
         if self.lora_targets not in ("qv", "qkv", "attn", "all"):
-            raise ValueError(f"AdaptConfig.lora_targets must be qv, qkv, attn or all, got {self.lora_targets!r}")
+            raise ValueError(f"AdaptConfig.lora_targets must be qv, qkv, attn or all, got {_short(self.lora_targets)}")
         if self.lora_last_blocks is not None and self.lora_last_blocks < 1:
-            raise ValueError(f"AdaptConfig.lora_last_blocks must be >= 1 or None, got {self.lora_last_blocks!r}")
+            raise ValueError(f"AdaptConfig.lora_last_blocks must be >= 1 or None, got {_short(self.lora_last_blocks)}")
         if self.prefix_views < 0:
-            raise ValueError(f"AdaptConfig.prefix_views must be >= 0, got {self.prefix_views!r}")
+            raise ValueError(f"AdaptConfig.prefix_views must be >= 0, got {_short(self.prefix_views)}")
         if self.head_init not in ("prototype", "zero"):
-            raise ValueError(f"AdaptConfig.head_init must be 'prototype' or 'zero', got {self.head_init!r}")
+            raise ValueError(f"AdaptConfig.head_init must be 'prototype' or 'zero', got {_short(self.head_init)}")
         if not 0 <= self.warmup_frac < 1:
-            raise ValueError(f"AdaptConfig.warmup_frac must be in [0, 1), got {self.warmup_frac!r}")
+            raise ValueError(f"AdaptConfig.warmup_frac must be in [0, 1), got {_short(self.warmup_frac)}")
 
     def with_env(self) -> AdaptConfig:
         """Fill unset fields from the container's environment variables."""
-        budget = os.environ.get(ENV_TIME_BUDGET)
+        budget = self.time_budget
+        if budget is None and os.environ.get(ENV_TIME_BUDGET):
+            budget = _env_seconds(ENV_TIME_BUDGET)
         return dataclasses.replace(
             self,
             model=self.model or os.environ.get(ENV_MODEL) or None,
             cache_dir=self.cache_dir or os.environ.get(ENV_CACHE) or None,
-            time_budget=self.time_budget if self.time_budget is not None else (float(budget) if budget else None),
+            time_budget=budget,
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (v.value if isinstance(v, Enum) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _env_seconds(name: str) -> float:
+    raw = os.environ[name]
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"${name} must be a finite number of seconds > 0, got {_short(raw)}")
+    return seconds
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    """repr(value), cut to `limit` characters: an error message must not echo a 10 MB argument."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _enum(kind: type[Enum], value: Any, name: str) -> Any:
@@ -149,7 +173,7 @@ def _enum(kind: type[Enum], value: Any, name: str) -> Any:
         return kind(value)
     except ValueError:
         choices = ", ".join(m.value for m in kind)
-        raise ValueError(f"AdaptConfig.{name} must be one of {choices}; got {value!r}") from None
+        raise ValueError(f"AdaptConfig.{name} must be one of {choices}; got {_short(value)}") from None
 
 
 def make_config(config: AdaptConfig | None = None, **overrides: Any) -> AdaptConfig:

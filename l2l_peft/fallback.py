@@ -16,13 +16,12 @@ from collections.abc import Callable
 
 import torch
 from accelerate.state import AcceleratorState
-from torchcross.data.task import TaskTarget
 
 from .api import AdaptResult, run
 from .backbone import BackboneError
 from .config import AdaptConfig, Precision
 from .frozen import Frozen, run_frozen
-from .targets import output_size
+from .targets import class_prior, output_size
 from .task import TaskData
 from .train import TrainingError
 
@@ -96,18 +95,3 @@ def check(probabilities: torch.Tensor, data: TaskData) -> None:
 def prototype_result(data: TaskData, config: AdaptConfig) -> AdaptResult:
     """Frozen features, head set to the nearest-mean rule of the support (no training)."""
     return run_frozen(data, config, Frozen.PROTOTYPES)
-
-
-def class_prior(data: TaskData) -> torch.Tensor:
-    """Support label frequencies (Laplace-smoothed), repeated for every query image."""
-    labels, n_query = data.support_labels, len(data.query_images)
-    match data.target:
-        case TaskTarget.MULTICLASS_CLASSIFICATION | TaskTarget.ORDINAL_REGRESSION:
-            counts = torch.bincount(labels, minlength=len(data.classes)).float() + 1
-            prior = counts / counts.sum()
-        case TaskTarget.BINARY_CLASSIFICATION | TaskTarget.MULTILABEL_CLASSIFICATION:
-            labels = labels.reshape(len(labels), -1).float()
-            prior = (labels.sum(0) + 1) / (len(labels) + 2)
-        case _:
-            prior = labels.float().mean().reshape(1)
-    return prior.expand(n_query, -1).clone()

@@ -22,6 +22,7 @@ from .api import AdaptResult
 from .backbone import FeatureExtractor, load_backbone
 from .config import AdaptConfig
 from .head import Head
+from .predict import batches_until, fill_with_prior
 from .targets import Objective, build_objective, output_size
 from .task import TaskData, TaskError
 from .train import make_accelerator
@@ -47,11 +48,13 @@ class ProbeConfig:
 
 
 @torch.inference_mode()
-def features(extractor: FeatureExtractor, images: torch.Tensor, *, accelerator: Accelerator, batch_size: int) -> torch.Tensor:
-    """float32 [N, feature_dim] on the accelerator's device."""
+def features(
+    extractor: FeatureExtractor, images: torch.Tensor, *, accelerator: Accelerator, batch_size: int, deadline: float | None = None
+) -> torch.Tensor:
+    """float32 [n, feature_dim] on the accelerator's device: all images, or those whose batches fit before the deadline."""
     extractor.eval()
-    out = []
-    for chunk in images.split(batch_size):
+    out = [torch.empty(0, extractor.feature_dim, device=accelerator.device)]
+    for chunk in batches_until(images, batch_size, deadline):
         with accelerator.autocast():
             out.append(extractor(chunk.to(accelerator.device)).float())
     return torch.cat(out)
@@ -89,6 +92,7 @@ def run_frozen(data: TaskData, config: AdaptConfig, kind: Frozen | str, probe: P
     kind = Frozen(kind)
     start = time.monotonic()
     config = config.with_env()
+    deadline = start + config.time_budget if config.time_budget else None
     accelerator = make_accelerator(config)
     result = AdaptResult(torch.empty(0, output_size(data.target, data.classes)), config, precision=accelerator.mixed_precision)
     if len(data.query_images) == 0:
@@ -105,9 +109,10 @@ def run_frozen(data: TaskData, config: AdaptConfig, kind: Frozen | str, probe: P
         head = fit_linear_probe(objective, support, data.support_labels, probe or ProbeConfig())
     result.trainable_parameters = sum(p.numel() for p in head.parameters())
     fitted = time.monotonic()
-    query = features(extractor, data.query_images, accelerator=accelerator, batch_size=batch)
+    query = features(extractor, data.query_images, accelerator=accelerator, batch_size=batch, deadline=deadline)
     with torch.inference_mode():
-        result.probabilities = objective.probabilities(head(query)).float().cpu()
+        result.probabilities = fill_with_prior(objective.probabilities(head(query)).float().cpu(), data)
+    result.prior_rows = len(data.query_images) - len(query)
     done = time.monotonic()
     result.timings = {"load": loaded - start, "adapt": fitted - loaded, "predict": done - fitted, "total": done - start}
     return result

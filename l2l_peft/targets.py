@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torchcross.data.task import TaskTarget
 
-from .task import TaskError
+from .task import TaskData, TaskError
 
 # pos_weight = negatives / positives, clipped so one positive among 100 does not dominate the loss
 _POS_WEIGHT_RANGE = (0.1, 10.0)
@@ -152,3 +152,18 @@ def output_size(target: TaskTarget, classes: dict) -> int:
             return 1
         case _:
             return len(classes)
+
+
+def class_prior(data: TaskData) -> torch.Tensor:
+    """Support label frequencies (Laplace-smoothed), repeated for every query image: needs no model."""
+    labels, n_query = data.support_labels, len(data.query_images)
+    match data.target:
+        case TaskTarget.MULTICLASS_CLASSIFICATION | TaskTarget.ORDINAL_REGRESSION:
+            counts = torch.bincount(labels, minlength=len(data.classes)).float() + 1
+            prior = counts / counts.sum()
+        case TaskTarget.BINARY_CLASSIFICATION | TaskTarget.MULTILABEL_CLASSIFICATION:
+            labels = labels.reshape(len(labels), -1).float()
+            prior = (labels.sum(0) + 1) / (len(labels) + 2)
+        case _:
+            prior = labels.float().mean().reshape(1)
+    return prior.expand(n_query, -1).clone()

@@ -112,6 +112,7 @@ def train(
     images, labels = images.to(device), labels.to(device)
     n = len(images)
     batch, steps = plan(n, config)
+    logger.debug("training %d steps of batch %d", steps, batch)
     batches_per_epoch = n // batch
     generator = torch.Generator(device).manual_seed(config.seed)
     cache = _prefix_cache(model, images, config, accelerator, generator)

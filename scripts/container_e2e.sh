@@ -9,6 +9,8 @@
 # installs the same pins from a local wheelhouse (CPU torch); %files, %post, %environment,
 # %runscript and %test are the real ones, and the build runs %test. Then it runs the evaluation
 # command verbatim on a generated 224x224 task, checks the output pickle and runs `apptainer test`.
+# As in the evaluation, the output is one bound *file* (`--bind $RESULT_PATH:$INTERNAL_RESULT_PATH`)
+# in a directory of the read-only image, so the CLI cannot create a temp file beside it.
 #
 # Every call uses --fakeroot (as the evaluation command does): root in a container host may lack
 # capabilities that apptainer's setuid path asks for. Needs root, Debian's mirror and pip's index
@@ -81,9 +83,10 @@ if [ -z "${SIF:-}" ]; then
     build_image
 fi
 
-INPUT_DIR=$WORK/in RESULT_DIR=$WORK/out
-rm -rf "$INPUT_DIR" "$RESULT_DIR"
-mkdir -p "$INPUT_DIR" "$RESULT_DIR"
+INPUT_DIR=$WORK/in RESULT_PATH=$WORK/result.pkl
+rm -rf "$INPUT_DIR" "$RESULT_PATH"
+mkdir -p "$INPUT_DIR"
+: >"$RESULT_PATH" # a file bind needs an existing file; the evaluation binds its own the same way
 apptainer exec --fakeroot --containall --no-home --bind "$INPUT_DIR:/in_xxxx" "$SIF" python -c "
 import pickle, torch
 from l2l_peft.demo import synthetic_task
@@ -97,13 +100,13 @@ echo "evaluation command:"
 start=$(date +%s)
 set -x
 apptainer run --fakeroot --net --network none --containall --no-home \
-    --bind "$INPUT_DIR:/in_xxxx:ro" --bind "$RESULT_DIR:/out_xxxx" "$SIF" /in_xxxx/task.pkl /out_xxxx/result.pkl
+    --bind "$INPUT_DIR:/in_xxxx:ro" --bind "$RESULT_PATH:/out_xxxx/result.pkl" "$SIF" /in_xxxx/task.pkl /out_xxxx/result.pkl
 { set +x; } 2>/dev/null
 echo "wall time: $(($(date +%s) - start)) s"
 
-apptainer exec --fakeroot --containall --no-home --bind "$RESULT_DIR:/out_xxxx:ro" --bind "$WORK/labels.pt:/labels.pt:ro" "$SIF" python -c "
+apptainer exec --fakeroot --containall --no-home --bind "$RESULT_PATH:/result.pkl:ro" --bind "$WORK/labels.pt:/labels.pt:ro" "$SIF" python -c "
 import pickle, sys, torch
-p = pickle.load(open('/out_xxxx/result.pkl', 'rb'))
+p = pickle.load(open('/result.pkl', 'rb'))
 labels = torch.load('/labels.pt')
 ok = isinstance(p, torch.Tensor) and p.shape == (len(labels), 3) and bool(torch.isfinite(p).all())
 ok = ok and torch.allclose(p.sum(1), torch.ones(len(labels)), atol=1e-4)

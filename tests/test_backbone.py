@@ -74,3 +74,31 @@ def test_manifest_default_and_relative_path(tmp_path, vit_dir):
     source = resolve_model(None, str(tmp_path))
     assert source.location == str(tmp_path / "tiny")
     assert load_backbone(None, str(tmp_path)).feature_dim == 64
+
+
+def _damaged(vit_dir, tmp_path, part: str):
+    damaged = shutil.copytree(vit_dir, tmp_path / "damaged")
+    if part == "weights":
+        weights = damaged / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        (damaged / "preprocessor_config.json").write_text(part)
+    return damaged
+
+
+@pytest.mark.parametrize(
+    ("part", "message"),
+    [("weights", "damaged"), ("{not json", "not readable JSON"), ("[1, 2]", "not a JSON object"),
+     ('{"image_mean": "grey"}', "does not run with its preprocessor_config.json")],
+    ids=["truncated-weights", "garbage-preprocessor", "preprocessor-not-object", "preprocessor-bad-value"],
+)  # fmt: skip
+def test_damaged_model_directory_is_a_backbone_error(vit_dir, tmp_path, part, message):
+    with pytest.raises(BackboneError, match=message):
+        load_backbone(str(_damaged(vit_dir, tmp_path, part)))
+
+
+@pytest.mark.parametrize("name", ["./my-vit", "/no/such/model", "~/models/vit", "runs/2024/vit"])
+def test_mistyped_local_directory_is_not_called_a_hub_model(tmp_path, name):
+    with pytest.raises(BackboneError, match="does not exist") as error:
+        resolve_model(name, str(tmp_path))
+    assert "prefetch" not in str(error.value)
