@@ -1,6 +1,6 @@
 """Which attention kernel is fastest for ViT training shapes (197 tokens, head size 64) on this GPU?
 
-    CUDA_VISIBLE_DEVICES=0 python benchmarks/attention_probe.py [--parts check,model,kernels,training]
+    CUDA_VISIBLE_DEVICES=0 python benchmarks/probes/attention_probe.py [--parts check,model,kernels,training]
 
 Run 6's batch-128 profile gave flash attention 17 % of the step's GPU time for about 7 % of its
 FLOPs: at 197 tokens the kernels' 128-token tiles are mostly padding. Parts: `check` compares each
@@ -20,11 +20,11 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from unittest import mock
 
+import _paths  # noqa: F401  # benchmarks/ on sys.path, for common.py
 import torch
 import torch.nn.functional as F
-from bench_adapt import CLASSES, fresh_accelerate, make_task, matmul_peak, save_model, step_flops, sync
+from common import CLASSES, fresh_accelerate, make_task, matmul_peak, save_model, step_flops, sync
 from torch.nn.attention import SDPBackend, sdpa_kernel
-
 from torchcross.data.task import TaskTarget
 
 from l2l_peft import api, attention
@@ -54,7 +54,7 @@ def training_attention(backend: SDPBackend) -> Iterator[None]:
 def kernel_time(backend: SDPBackend, batch: int, heads: int, tokens: int = 197, dim: int = 64, iters: int = 30) -> float:
     """Milliseconds of one forward + backward on [batch, heads, tokens, dim] views of a [batch, tokens, heads*dim] tensor."""
     qkv = [torch.randn(batch, tokens, heads * dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
-    views = lambda: [t.view(batch, tokens, heads, dim).transpose(1, 2) for t in qkv]  # noqa: E731
+    views = lambda: [t.view(batch, tokens, heads, dim).transpose(1, 2) for t in qkv]
     grad = torch.randn(batch, heads, tokens, dim, device="cuda", dtype=torch.bfloat16)
     with sdpa_kernel([backend]):
         for i in range(iters + 5):

@@ -1,6 +1,6 @@
 """Does torch.compile lift large-batch training toward the matmul peak?
 
-    CUDA_VISIBLE_DEVICES=0 python benchmarks/compile_probe.py [--only vit-b16]
+    CUDA_VISIBLE_DEVICES=0 python benchmarks/probes/compile_probe.py [--only vit-b16]
 
 Each case trains the default recipe at a large batch (200+ support, 500 query), eagerly or with
 the backbone compiled. A compiled case runs twice in one process: the first run pays compilation,
@@ -19,9 +19,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from unittest import mock
 
+import _paths  # noqa: F401  # benchmarks/ on sys.path, for common.py
 import torch
 from attention_probe import training_attention
-from bench_adapt import fresh_accelerate, make_task, matmul_peak, save_model, step_flops, sync
+from common import fresh_accelerate, make_task, matmul_peak, save_model, step_flops, sync
 from torch.nn.attention import SDPBackend
 
 from l2l_peft import api

@@ -1,6 +1,6 @@
 """Where a training step's GPU time goes: top kernels of adapt() with and without CUDA graphs.
 
-    python benchmarks/profile_step.py --arch vit-b16 --batch 32 128
+    python benchmarks/probes/profile_step.py --arch vit-b16 --batch 32 128
 """
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench_adapt import ARCHS, fresh_accelerate, make_task, save_model
+import _paths  # noqa: F401  # benchmarks/ on sys.path, for common.py
+from common import ARCHS, fresh_accelerate, make_task, save_model
 from torch.profiler import ProfilerActivity, profile
 
 from l2l_peft import api

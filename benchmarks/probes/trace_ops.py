@@ -3,7 +3,7 @@
 The kernel profile (profile_step.py) shows float32 GEMMs and pageable host copies but not who
 issues them; a dispatch mode sees every op, also inside backward and during CUDA-graph capture.
 
-    python benchmarks/trace_ops.py --arch vit-b16 --batch 32
+    python benchmarks/probes/trace_ops.py --arch vit-b16 --batch 32
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ import collections
 import traceback
 from pathlib import Path
 
+import _paths  # noqa: F401  # benchmarks/ on sys.path, for common.py
 import torch
-from bench_adapt import ARCHS, fresh_accelerate, make_task, save_model
+from common import ARCHS, REPO, fresh_accelerate, make_task, save_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from l2l_peft import api
 from l2l_peft.task import load_task
 
 MATMULS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear"}
-REPO = Path(__file__).resolve().parent.parent
 OWN = ("l2l_peft/", "peft/", "transformers/", "accelerate/", "torch/optim/", "torch/nn/utils/")
 
 
