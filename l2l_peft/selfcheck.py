@@ -1,6 +1,6 @@
 """Container self-check (`singularity test IMAGE.sif`): adapt to a generated task, check the output.
 
-    python scripts/selfcheck.py [--time-budget 120]
+    python -m l2l_peft.selfcheck [--time-budget 120]
 
 Builds a 3-class task of 12 support / 6 query random images in /tmp, runs the real command line
 (`python -m l2l_peft`) on it with the image's default model, and exits non-zero unless the output
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torchcross.data.task import Task, TaskDescription, TaskTarget
 
-from l2l_peft.task import challenge_task
+from .task import challenge_task
 
 N_SUPPORT, N_QUERY, CLASSES = 12, 6, {0: "a", 1: "b", 2: "c"}
 
@@ -31,10 +31,10 @@ def generated_task() -> Task:
     return challenge_task(images, labels, N_SUPPORT, TaskDescription(TaskTarget.MULTICLASS_CLASSIFICATION, CLASSES))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m l2l_peft.selfcheck", description=__doc__.split("\n\n")[0])
     parser.add_argument("--time-budget", type=float, default=120.0, help="seconds for the adaptation run")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="l2l_peft-selfcheck-") as tmp:
         task, out = Path(tmp) / "task.pkl", Path(tmp) / "result.pkl"
         task.write_bytes(pickle.dumps(generated_task()))
