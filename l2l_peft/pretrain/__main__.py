@@ -16,6 +16,10 @@ import logging
 import sys
 from pathlib import Path
 
+from ..extras import exit_without
+
+exit_without("experiments", "python -m l2l_peft.pretrain")
+
 from .card import hardware, last_log, write_card
 from .config import load_config
 from .loop import accelerator_for, pretrain
