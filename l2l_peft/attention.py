@@ -2,7 +2,7 @@
 
 SDPA chooses its kernel on every call. On the H100 (torch 2.11) it chose flash attention for
 eager steps but the math kernel (float32 bmm + softmax) while the training step was being
-captured, so every replayed step ran attention in float32 (benchmarks/trace_ops.py). Calling
+captured, so every replayed step ran attention in float32 (benchmarks/probes/trace_ops.py). Calling
 the flash kernel directly keeps it in the graph; inputs it does not take (CPU, float32, masks,
 head sizes it lacks) go through transformers' own SDPA path, which training_kernels() keeps off
 cuDNN's attention.

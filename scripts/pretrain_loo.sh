@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Leave-one-dataset-out pretraining, the evidence of README "Does pretraining transfer?": for each
+# Leave-one-dataset-out pretraining, the evidence of docs/pretraining.md "Does pretraining transfer?": for each
 # dataset D of the development data, the tiny ViT of configs/pretrain/vit_tiny_med.yaml pretrained without D
 # (runs/loo/D), plus the random init of the same size (runs/random_vit_tiny, also the runs' start).
 #   scripts/pretrain_loo.sh [STEPS] [DATA_DIR]
