@@ -18,12 +18,12 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-from torchcross.data.task import Task, TaskDescription, TaskTarget  # noqa: E402
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from torchcross.data.task import Task, TaskDescription, TaskTarget
 
-from l2l_peft import api  # noqa: E402
-from l2l_peft.task import challenge_task  # noqa: E402
+from l2l_peft import api
+from l2l_peft.task import challenge_task
 
 ARCHS = {  # hidden, layers, heads, MLP
     "vit-s16": (384, 12, 6, 1536),
@@ -53,7 +53,9 @@ def make_task(n_support: int, n_query: int, size: int, seed: int = 0) -> Task:
     n = n_support + n_query
     images = torch.rand(n, 3, size, size, generator=g) * 2 - 1
     labels = torch.arange(n) % len(CLASSES)
-    return challenge_task(images, labels, n_support, TaskDescription(TaskTarget.MULTICLASS_CLASSIFICATION, CLASSES, "bench"))
+    return challenge_task(
+        images, labels, n_support, TaskDescription(TaskTarget.MULTICLASS_CLASSIFICATION, CLASSES, "bench")
+    )
 
 
 def fresh_accelerate() -> None:
@@ -92,6 +94,10 @@ def step_flops(data, model_dir: Path, overrides: dict) -> float:
     for steps in (1, 2):
         fresh_accelerate()
         with FlopCounterMode(display=False) as counter:
-            api.run(data, model=str(model_dir), **{**overrides, "max_steps": steps, "min_steps": steps, "cuda_graphs": False})
+            api.run(
+                data,
+                model=str(model_dir),
+                **{**overrides, "max_steps": steps, "min_steps": steps, "cuda_graphs": False},
+            )
         counts.append(counter.get_total_flops())
     return counts[1] - counts[0]

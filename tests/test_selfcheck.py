@@ -10,7 +10,7 @@ import sys
 def test_selfcheck_adapts_and_checks_the_output(vit_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "L2L_PEFT_MODEL": str(vit_dir)}
     command = [sys.executable, "-m", "l2l_peft.selfcheck", "--time-budget", "60"]
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
+    proc = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "selfcheck: ok, output (6, 3)" in proc.stdout
 

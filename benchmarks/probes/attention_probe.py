@@ -20,7 +20,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from unittest import mock
 
-import _paths  # noqa: F401  # benchmarks/ on sys.path, for common.py
+import _paths  # noqa: F401
 import torch
 import torch.nn.functional as F
 from common import CLASSES, fresh_accelerate, make_task, matmul_peak, save_model, step_flops, sync

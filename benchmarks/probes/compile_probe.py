@@ -19,7 +19,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from unittest import mock
 
-import _paths  # noqa: F401  # benchmarks/ on sys.path, for common.py
+import _paths  # noqa: F401
 import torch
 from attention_probe import training_attention
 from common import fresh_accelerate, make_task, matmul_peak, save_model, step_flops, sync

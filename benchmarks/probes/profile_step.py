@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import _paths  # noqa: F401  # benchmarks/ on sys.path, for common.py
+import _paths  # noqa: F401
 from common import ARCHS, fresh_accelerate, make_task, save_model
 from torch.profiler import ProfilerActivity, profile
 

@@ -13,7 +13,7 @@ import collections
 import traceback
 from pathlib import Path
 
-import _paths  # noqa: F401  # benchmarks/ on sys.path, for common.py
+import _paths  # noqa: F401
 import torch
 from common import ARCHS, REPO, fresh_accelerate, make_task, save_model
 from torch.utils._python_dispatch import TorchDispatchMode
