@@ -1,6 +1,6 @@
 """Adaptation speed on one GPU: l2l_peft against a straightforward peft + accelerate loop.
 
-    python benchmarks/bench_adapt.py --out benchmarks/results          # the GPU run (a few minutes)
+    python benchmarks/bench_adapt.py --out runs/bench_adapt          # the GPU run (a few minutes)
     python benchmarks/bench_adapt.py --smoke --out /tmp/bench          # tiny models, CPU, seconds
 
 Backbones are ViT-S/16, ViT-B/16 and ViT-L/16 with random weights (speed does not depend on the
@@ -29,60 +29,14 @@ import time
 from pathlib import Path
 from unittest import mock
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import torch
+import torch.nn.functional as F
+from common import CLASSES, fresh_accelerate, make_task, matmul_peak, save_model, step_flops, sync
+from torch.utils.flop_counter import FlopCounterMode
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-from torchcross.data.task import Task, TaskDescription, TaskTarget  # noqa: E402
-
-from l2l_peft import api  # noqa: E402
-from l2l_peft.adapters import find_target_modules  # noqa: E402
-from l2l_peft.task import challenge_task, load_task  # noqa: E402
-
-ARCHS = {  # hidden, layers, heads, MLP
-    "vit-s16": (384, 12, 6, 1536),
-    "vit-b16": (768, 12, 12, 3072),
-    "vit-l16": (1024, 24, 16, 4096),
-    "tiny": (32, 2, 4, 37),  # --smoke
-}
-CLASSES = {i: f"class{i}" for i in range(5)}
-
-
-def save_model(arch: str, root: Path, size: int) -> Path:
-    from transformers import ViTConfig, ViTModel
-
-    hidden, layers, heads, mlp = ARCHS[arch]
-    directory = root / arch
-    if not (directory / "config.json").exists():
-        cfg = ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=mlp,
-                        image_size=size, patch_size=16 if size >= 64 else 8)  # fmt: skip
-        ViTModel(cfg, add_pooling_layer=False).save_pretrained(directory)
-        prep = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "size": {"height": size, "width": size}}
-        (directory / "preprocessor_config.json").write_text(json.dumps(prep))
-    return directory
-
-
-def make_task(n_support: int, n_query: int, size: int, seed: int = 0) -> Task:
-    g = torch.Generator().manual_seed(seed)
-    n = n_support + n_query
-    images = torch.rand(n, 3, size, size, generator=g) * 2 - 1
-    labels = torch.arange(n) % len(CLASSES)
-    return challenge_task(images, labels, n_support, TaskDescription(TaskTarget.MULTICLASS_CLASSIFICATION, CLASSES, "bench"))
-
-
-def fresh_accelerate() -> None:
-    """accelerate keeps one global precision per process; rows with another precision need a reset."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from l2l_peft import api
+from l2l_peft.adapters import find_target_modules
+from l2l_peft.task import load_task
 
 
 def reset_memory() -> None:
@@ -94,23 +48,6 @@ def reset_memory() -> None:
 
 def peak_memory_gb() -> float:
     return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
-
-
-def matmul_peak(n: int) -> float:
-    """bf16 n^3 matmul TFLOP/s (median of 20 timed runs on random data)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(20):
-        sync()
-        t = time.perf_counter()
-        a @ b
-        sync()
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / sorted(times)[len(times) // 2] / 1e12
 
 
 # ---- l2l_peft rows ---------------------------------------------------------------------------
@@ -136,17 +73,6 @@ class Row:
     peak_fraction: float = 0.0
     memory_gb: float = 0.0
     note: str = ""
-
-
-def step_flops(data, model_dir: Path, overrides: dict) -> float:
-    """FLOPs of one training step: run(1 step) vs run(2 steps), eager, counted (predict of 1 query cancels)."""
-    counts = []
-    for steps in (1, 2):
-        fresh_accelerate()
-        with FlopCounterMode(display=False) as counter:
-            api.run(data, model=str(model_dir), **{**overrides, "max_steps": steps, "min_steps": steps, "cuda_graphs": False})
-        counts.append(counter.get_total_flops())
-    return counts[1] - counts[0]
 
 
 def run_adapt(name: str, arch: str, model_dir: Path, support: int, query: int, size: int, peak: float, repeats: int,
@@ -346,7 +272,7 @@ def markdown(rows: list[Row], peak: float, device: str, command: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_adapt"))
     parser.add_argument("--models", type=Path, default=Path("/tmp/bench_models"))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="tiny models and steps (checks the script, not speed)")

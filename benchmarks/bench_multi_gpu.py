@@ -7,7 +7,7 @@ recipe) launched with 1 and with 2 processes. Rows and metrics must agree (tasks
 seeded by identity, not by rank), and tasks/s comes from the runner's own timing of its task loop,
 so start-up and model load are not counted. With `--repeat`, the 1-process run is repeated, the
 baseline for how far two runs may differ (run 9: not at all, every metric bit for bit).
-Pretraining: the tiny recipe (configs/pretrain_tiny.yaml) for `--steps` steps in each `--layouts`
+Pretraining: the tiny recipe (configs/pretrain/vit_tiny_med.yaml) for `--steps` steps in each `--layouts`
 entry (processes x images per process and step, DDP): images/s, and the loss at each logged step
 against the first entry where the global batch is equal (1 x 512 vs 2 x 256).
 Writes `multi_gpu.json` and prints a markdown summary. `--smoke` checks the script on the CPU
@@ -28,10 +28,9 @@ from pathlib import Path
 
 import torch
 import yaml
+from common import REPO
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from l2l_peft.experiments.results import RESULTS, read_rows  # noqa: E402
+from l2l_peft.experiments.results import RESULTS, read_rows
 
 THROUGHPUT = re.compile(r"ran (\d+) tasks in ([\d.]+)s on (\d+) process")
 
@@ -87,7 +86,7 @@ def experiments(out: Path, data: Path, tasks: int, repeat: bool, smoke: bool) ->
 
 def pretraining(out: Path, data: Path, steps: int, layouts: list[tuple[int, int]], seed: int, compile_: bool, smoke: bool) -> dict:
     """Each (processes, images per process and step) layout; the first is the baseline of speed-up and loss."""
-    base = yaml.safe_load((REPO / "configs" / "pretrain_tiny.yaml").read_text())
+    base = yaml.safe_load((REPO / "configs" / "pretrain" / "vit_tiny_med.yaml").read_text())
     runs = {}
     for processes, per_process in layouts:
         name = f"{processes} GPU{'s' if processes > 1 else ''} x {per_process}"

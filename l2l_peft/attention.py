@@ -2,7 +2,7 @@
 
 SDPA chooses its kernel on every call. On the H100 (torch 2.11) it chose flash attention for
 eager steps but the math kernel (float32 bmm + softmax) while the training step was being
-captured, so every replayed step ran attention in float32 (benchmarks/trace_ops.py). Calling
+captured, so every replayed step ran attention in float32 (benchmarks/probes/trace_ops.py). Calling
 the flash kernel directly keeps it in the graph; inputs it does not take (CPU, float32, masks,
 head sizes it lacks) go through transformers' own SDPA path, which training_kernels() keeps off
 cuDNN's attention.
@@ -26,7 +26,7 @@ _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 # SDPA's own first choice on the H100/H200 with torch 2.11 is cuDNN's kernel, whose backward
 # reuses the plan built for the first call of a shape even when a later call's output gradient
 # has other strides, and then returns wrong gradients (relative error 1.4 against 0.005 for flash;
-# benchmarks/results/run8_attention_stale.log). So training offers flash and memory-efficient
+# results/benchmarks/run8_attention_stale.log). So training offers flash and memory-efficient
 # attention, with math as the fallback.
 TRAINING_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 

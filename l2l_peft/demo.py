@@ -1,54 +1,62 @@
 """`python -m l2l_peft.demo`: one few-shot task end to end, offline, on a fresh clone.
 
-Samples a 5-shot task from the development data (../shared/data) when present, else makes a
-synthetic one; writes it as a challenge pickle; runs the CLI on it exactly as the container
-would; prints the output's shape and the query AUROC. Uses the cache's default backbone; when
-there is none it builds a random-weight ViT and says so, since its numbers then mean nothing.
+Samples a 5-shot task from real medical images: by default the blood-cell sample shipped with the
+package (l2l_peft/data/: 320 single-cell images of 8 types from the PBC dataset, CC BY 4.0; see its
+SOURCE.md), or any dataset of an npz folder in the layout of the development data (`--data-dir`).
+Writes the task as a challenge pickle, runs the CLI on it exactly as the container would, and
+prints the output's shape, the query accuracy and AUROC, and whether the backbone's model card
+lists the dataset among its pretraining data (then the score is in-domain, not a transfer result).
+Uses the cache's default backbone; when there is none it builds a random-weight ViT and says so,
+since its numbers then mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import pickle
 import tempfile
 from pathlib import Path
 
 import torch
-from torchcross.data.task import Task, TaskDescription, TaskTarget
-from torchmetrics.functional.classification import multiclass_auroc
+from torchcross.data.task import Task, TaskDescription
 
 from . import cli
-from .backbone import BackboneError, REPO_CACHE, resolve_model
+from .backbone import REPO_CACHE, BackboneError, resolve_model
+from .config import ENV_CACHE, ENV_MODEL
 from .datasets import load_npz_dir, to_challenge
+from .extras import exit_without
 from .task import challenge_task
 
 logger = logging.getLogger("l2l_peft.demo")
+SAMPLE_DATA = Path(__file__).resolve().parent / "data"
 DEV_DATA = REPO_CACHE.parent.parent / "shared" / "data"
 
 
-def sample_dev_task(data_dir: Path, dataset: str, shots: int, seed: int) -> tuple[Task, torch.Tensor]:
+def sample_demo_task(data_dir: Path, dataset: str, shots: int, seed: int) -> tuple[Task, torch.Tensor]:
+    """A challenge task of `shots` support and 10 query images per class, and its query labels."""
     from .experiments.sampling import sample_task
 
     ds = load_npz_dir(data_dir, include=[dataset])[dataset]
-    # the test split: the shipped backbone was pretrained on the other splits of these datasets
+    # the test split where there is one: the shipped backbone was pretrained on the other splits
     pool = torch.arange(len(ds)) if ds.split is None else (ds.split == 2).nonzero()[:, 0]
     support, query = sample_task(ds.labels, ds.target, pool, shots=shots, query_per_class=10, seed=seed)
     images = to_challenge(ds.images[torch.cat([support, query])])
     labels = ds.labels[torch.cat([support, query])]
     n = len(support)
-    return challenge_task(images, labels, n, TaskDescription(ds.target, ds.classes, f"{dataset}-{shots}shot")), labels[n:]
+    description = TaskDescription(ds.target, ds.classes, f"{dataset}-{shots}shot")
+    return challenge_task(images, labels, n, description), labels[n:]
 
 
-def synthetic_task(shots: int, seed: int) -> tuple[Task, torch.Tensor]:
-    """Three classes that differ in brightness: learnable by any backbone."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(3).repeat(shots + 10)
-    images = (labels.float().view(-1, 1, 1, 1) * 0.6 - 0.6) + 0.2 * torch.randn(len(labels), 1, 224, 224, generator=g)
-    n = 3 * shots
-    classes = {0: "dark", 1: "grey", 2: "bright"}
-    description = TaskDescription(TaskTarget.MULTICLASS_CLASSIFICATION, classes, "synthetic-brightness")
-    return challenge_task(images.clamp(-1, 1), labels, n, description), labels[n:]
+def pretraining_datasets(model_dir: Path) -> list[str] | None:
+    """Datasets in the Data table of the model card that `l2l_peft.pretrain` writes; None without one."""
+    card = model_dir / "README.md"
+    if not card.is_file() or "\n## Data\n" not in (text := card.read_text()):
+        return None
+    section = text.split("\n## Data\n", 1)[1].split("\n## ", 1)[0]
+    cells = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")]
+    return [cell for cell in cells if cell != "dataset"]
 
 
 def random_backbone(directory: Path) -> Path:
@@ -57,48 +65,59 @@ def random_backbone(directory: Path) -> Path:
     torch.manual_seed(0)
     config = ViTConfig(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=768)
     ViTModel(config, add_pooling_layer=False).save_pretrained(directory)
-    (directory / "preprocessor_config.json").write_text('{"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "size": {"height": 224, "width": 224}}')
+    (directory / "preprocessor_config.json").write_text(
+        '{"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "size": {"height": 224, "width": 224}}'
+    )
     return directory
 
 
+def backbone_note(dataset: str, work: Path) -> tuple[list[str], str]:
+    """CLI arguments for the backbone and a line saying what its score means."""
+    try:  # the model the CLI will load: $L2L_PEFT_MODEL, else the cache's default
+        source = resolve_model(os.environ.get(ENV_MODEL), os.environ.get(ENV_CACHE))
+    except BackboneError:
+        model_dir = random_backbone(work / "random-vit")
+        note = (
+            f"NOTE: hf_cache/ has no default backbone, so this demo uses a RANDOM-WEIGHT ViT ({model_dir}); its "
+            "predictions are near chance. Run `python prefetch.py` to fetch a pretrained one."
+        )
+        return ["--model", str(model_dir)], note
+    seen = pretraining_datasets(Path(source.location))
+    if seen is None:
+        return [], f"backbone {source.name}: its model card does not list its pretraining data"
+    where = "IN" if dataset in seen else "NOT in"
+    return [], f"backbone {source.name}: {dataset} is {where} its pretraining data ({', '.join(seen)})"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="brain_tumor_mri", help="dataset in the development data")
-    parser.add_argument("--data-dir", type=Path, default=DEV_DATA)
+    exit_without("experiments", "python -m l2l_peft.demo")
+    from .experiments.metrics import task_metrics
+
+    parser = argparse.ArgumentParser(prog="python -m l2l_peft.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=SAMPLE_DATA, help=f"npz folder (development data: {DEV_DATA})")
+    parser.add_argument("--dataset", default="pbc_blood_cells", help="dataset of --data-dir's manifest.json")
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--time-budget", type=float, default=120.0, help="seconds for the whole CLI run")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(message)s")
-
     work = Path(tempfile.mkdtemp(prefix="l2l_peft_demo_"))
-    if (args.data_dir / "manifest.json").is_file():
-        task, query_labels = sample_dev_task(args.data_dir, args.dataset, args.shots, args.seed)
-    else:
-        logger.info("no development data at %s: using a synthetic task", args.data_dir)
-        task, query_labels = synthetic_task(args.shots, args.seed)
+    task, query_labels = sample_demo_task(args.data_dir, args.dataset, args.shots, args.seed)
     task_path, out_path = work / "task.pkl", work / "result.pkl"
     task_path.write_bytes(pickle.dumps(task))
+    model_args, note = backbone_note(args.dataset, work)
+    logger.info("task %s (%d support, %d query images) written to %s", task.description.task_identifier,
+                len(task.support), len(task.query), task_path)  # fmt: skip
 
-    model_args: list[str] = []
-    try:
-        resolve_model(None, None)
-    except BackboneError:
-        model_dir = random_backbone(work / "random-vit")
-        logger.warning(
-            "NOTE: hf_cache/ has no default backbone, so this demo uses a RANDOM-WEIGHT ViT (%s). "
-            "Its predictions are near chance; run `python prefetch.py` to fetch a pretrained one.", model_dir
-        )  # fmt: skip
-        model_args = ["--model", str(model_dir)]
-
-    logger.info("task %s written to %s", task.description.task_identifier, task_path)
     status = cli.main([str(task_path), str(out_path), "--time-budget", str(args.time_budget), *model_args])
     if status != 0:
         return status
     with out_path.open("rb") as f:
         probs = pickle.load(f)
-    auroc = float(multiclass_auroc(probs, query_labels, num_classes=probs.shape[1])) if probs.shape[1] > 1 else float("nan")
-    logger.info("output %s written to %s; query AUROC %.3f (chance 0.5)", tuple(probs.shape), out_path, auroc)
+    metrics = task_metrics(task.description.task_target, probs, query_labels)
+    logger.info("output %s written to %s", tuple(probs.shape), out_path)
+    logger.info("%s: query accuracy %.3f, AUROC %.3f (chance 0.5)", args.dataset, metrics["accuracy"], metrics["auroc"])
+    logger.info(note)
     return 0
 
 

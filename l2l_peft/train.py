@@ -27,7 +27,7 @@ from .targets import Objective
 logger = logging.getLogger(__name__)
 
 GRAD_CLIP = 1.0
-# Measured on an H100 (benchmarks/results): graphs pay at batch 32 (ViT-B 875 -> 1,129 img/s) but
+# Measured on an H100 (results/benchmarks): graphs pay at batch 32 (ViT-B 875 -> 1,129 img/s) but
 # replays ran slower than eager at batch 128 (2,458 -> 1,284 img/s), so larger batches stay eager.
 GRAPH_MAX_BATCH = 64
 

@@ -2,6 +2,10 @@
 
 import sys
 
+from ..extras import exit_without
+
+exit_without("experiments", "python -m l2l_peft.experiments")
+
 from .runner import main
 
 sys.exit(main())

@@ -1,7 +1,7 @@
 """Pretrain a medical ViT backbone and export it as an ordinary HF checkpoint.
 
-    accelerate launch -m l2l_peft.pretrain configs/pretrain_tiny.yaml --output runs/pretrain_tiny
-    python -m l2l_peft.pretrain configs/pretrain_tiny.yaml --output DIR --max-minutes 8   # one process
+    accelerate launch -m l2l_peft.pretrain configs/pretrain/vit_tiny_med.yaml --output runs/vit_tiny_med
+    python -m l2l_peft.pretrain configs/pretrain/vit_tiny_med.yaml --output DIR --max-minutes 8   # one process
 
 DIR then holds config.json, model.safetensors, preprocessor_config.json and README.md (the
 model card) for adapt(model=DIR) / `prefetch.py --model DIR`, plus checkpoint/ (rerunning the
@@ -15,6 +15,10 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+
+from ..extras import exit_without
+
+exit_without("experiments", "python -m l2l_peft.pretrain")
 
 from .card import hardware, last_log, write_card
 from .config import load_config
