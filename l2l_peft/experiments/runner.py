@@ -1,6 +1,6 @@
 """Run every method variant on every task of a suite; one process or many, same rows.
 
-    accelerate launch -m l2l_peft.experiments configs/dev_suite.yaml --output runs/dev
+    accelerate launch -m l2l_peft.experiments configs/experiments/dev_suite.yaml --output runs/dev
 
 Each process adapts whole tasks (task i of a round goes to rank i; no DDP inside a task). After
 each round the main process gathers the rows and appends them to results.jsonl, so a killed run
