@@ -41,7 +41,7 @@ _REPR.maxstring = _REPR.maxother = 200
 
 def clip(text: str, limit: int = 200) -> str:
     """`text` as one line of at most `limit` characters, for messages that echo untrusted values."""
-    text = " ".join(str(text).split())
+    text = " ".join(str(text)[: 4 * limit].split())  # cut first: a 10 MB value costs no more than a short one
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
