@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -179,3 +181,125 @@ def test_challenge_task_round_trips_and_pickles_each_image_once():
     assert len(blob) < 2 * images.numel() * 4  # views would have pickled all 12 images per image
     with pytest.raises(ValueError, match="12 images but 11 labels"):
         challenge_task(images, labels[:11], 6, task.description)
+
+
+def _replace(task: Task, placeholder: str, opcodes: bytes) -> bytes:
+    """The task pickled (protocol 4) with the string `placeholder` swapped for raw pickle opcodes."""
+    data = pickle.dumps(task, protocol=4)
+    op = b"\x8c%c%s" % (len(placeholder), placeholder.encode())
+    assert data.count(op) == 1
+    return data.replace(op, opcodes)
+
+
+_LOAD_AND_TIME = """
+import sys, time
+from l2l_peft import TaskError, load_task
+start = time.monotonic()
+try:
+    load_task(sys.argv[1])
+except TaskError as err:
+    print(f"{time.monotonic() - start:.3f} {err}")
+"""
+
+
+def test_billion_laughs_image_fails_fast(tmp_path):
+    """A list nested 30 deep by reference: 2^30 numbers from 30 pickled lists.
+
+    The old code stalled in torch.as_tensor, which holds the GIL: no in-process timeout can stop
+    that, so the load runs in a subprocess that a regression makes time out (60 s), not hang the suite.
+    """
+    task, _ = make_task(n_support=3)
+    laughs = [0.0]
+    for _ in range(30):
+        laughs = [laughs, laughs]
+    assert len(pickle.dumps(laughs)) < 500
+    path = tmp_path / "laughs.pkl"
+    path.write_bytes(pickle.dumps(_with(task, support=[(laughs, task.support[0][1])] + task.support[1:])))
+    proc = subprocess.run([sys.executable, "-c", _LOAD_AND_TIME, str(path)], capture_output=True, text=True, timeout=60, check=False)
+    seconds, message = proc.stdout.split(" ", 1)
+    assert "nested more than 8 lists deep" in message, proc.stderr
+    assert float(seconds) < 5
+
+
+def test_query_repeating_one_image_is_refused_before_it_is_built():
+    """A few-MB pickle: one 3 x 1024 x 1024 image referenced 400 times would be 5 GB as a tensor."""
+    task, _ = make_task(n_support=3)
+    big = torch.zeros(3, 1024, 1024)
+    with pytest.raises(TaskError, match="exceed 4 GiB as tensors"):
+        load_task(pickle.dumps(_with(task, support=[(big, y) for _, y in task.support], query=[big] * 400)))
+    with pytest.raises(TaskError, match="at most 100000"):
+        load_task(pickle.dumps(_with(task, query=[task.query[0][0]] * 200_000)))
+
+
+@pytest.mark.parametrize("dtype", [object, str, complex])
+def test_numpy_images_that_are_not_real_numbers(dtype):
+    task, _ = make_task(n_support=3)
+    image = np.zeros((3, 32, 32), dtype=dtype)
+    with pytest.raises(TaskError, match="support image 0"):
+        load_task(pickle.dumps(_with(task, support=[(image, task.support[0][1])] + task.support[1:])))
+
+
+def test_deeply_nested_target_is_a_task_error():
+    """repr() of a list nested 100,000 deep raised RecursionError (a traceback, exit 1)."""
+    task, _ = make_task(n_support=3)
+    depth = 100_000
+    data = _replace(_with(task, target="DEEP"), "DEEP", b"]" * depth + b"a" * (depth - 1))
+    with pytest.raises(TaskError, match=r"unknown task target \[\[\[") as err:
+        load_task(data)
+    assert len(str(err.value)) <= 200
+
+
+def test_zero_size_images_are_refused():
+    task, _ = make_task(n_support=3)
+    with pytest.raises(TaskError, match="0 x 32 pixels"):
+        load_task(_with(task, support=[(torch.zeros(3, 0, 32), y) for _, y in task.support]))
+
+
+def test_label_missing_from_mixed_key_classes():
+    """sorted() of {0, "b"} raised TypeError while naming the classes."""
+    task, _ = make_task(n_support=3)
+    with pytest.raises(TaskError, match=r"support label 2 is 2, not one of the classes \[0, 1, 'two'\]"):
+        load_task(_with(task, classes={0: "a", 1: "b", "two": "c"}))
+
+
+def test_collated_support_with_fewer_labels_than_images():
+    task, _ = make_task(n_support=6)
+    images = torch.stack([x for x, _ in task.support])
+    labels = torch.stack([y for _, y in task.support])
+    with pytest.raises(TaskError, match="6 images but 5 labels"):
+        load_task(_with(task, support=(images, labels[:5])))
+
+
+def test_tensors_are_detached_from_autograd():
+    task, _ = make_task(n_support=3)
+    support = [(x.clone().requires_grad_(), y) for x, y in task.support]
+    data = load_task(_with(task, support=support))
+    assert not data.support_images.requires_grad and data.support_images.grad_fn is None
+
+
+def test_messages_are_one_bounded_line():
+    task, _ = make_task(n_support=3)
+    with pytest.raises(TaskError) as err:
+        load_task(_with(task, target="x\n" * 5_000_000))
+    assert "\n" not in str(err.value) and len(str(err.value)) <= 1000
+
+
+def test_running_out_of_memory_is_a_task_error(monkeypatch):
+    def exhausted(data):
+        raise MemoryError
+
+    monkeypatch.setattr("l2l_peft.task.safe_loads", exhausted)
+    with pytest.raises(TaskError, match="not enough memory"):
+        load_task(pickle.dumps(make_task()[0]))
+
+
+def test_cli_hostile_input_is_one_line_and_exit_2(tmp_path, vit_dir):
+    task, _ = make_task(n_support=3)
+    path = tmp_path / "in.pkl"
+    path.write_bytes(pickle.dumps(_with(task, support=[(np.zeros((3, 32, 32), object), y) for _, y in task.support])))
+    proc = subprocess.run(
+        [sys.executable, "-m", "l2l_peft", str(path), str(tmp_path / "out.pkl"), "--model", str(vit_dir), "--cpu"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "numpy array of object" in proc.stderr
