@@ -66,13 +66,14 @@ def _peft_config(config: AdaptConfig, targets: list[str]):
     import peft
 
     common = dict(target_modules=targets)
-    match config.method:
+    (method,) = config.methods
+    match method:
         case Method.LORA | Method.DORA:
             return peft.LoraConfig(
                 r=config.lora_rank,
                 lora_alpha=config.lora_alpha,
                 lora_dropout=config.lora_dropout,
-                use_dora=config.method is Method.DORA,
+                use_dora=method is Method.DORA,
                 **common,
             )
         case Method.LOHA:
@@ -90,7 +91,9 @@ def _peft_config(config: AdaptConfig, targets: list[str]):
 def apply_method(backbone_model: nn.Module, config: AdaptConfig) -> nn.Module:
     """Make only the method's own parameters trainable; returns the (possibly wrapped) model."""
     backbone_model.requires_grad_(False)
-    method = config.method
+    if len(config.methods) != 1:
+        raise ValueError(f"apply_method builds one method, got {config.method!r} (train ensemble members one by one)")
+    (method,) = config.methods
     if method in _PEFT_METHODS:
         import peft
 

@@ -227,7 +227,7 @@ def _answer(
     logger.info(
         "%s: model %s, target %s, support %d, query %d, method %s, steps %s, precision %s, output %s%s, "
         "%.1fs of %.0fs budget",
-        how, model, data.target.name, len(data.support_images), len(data.query_images), config.method.value,
+        how, model, data.target.name, len(data.support_images), len(data.query_images), result.methods or config.method,
         f"{report.steps}/{report.planned_steps}" if report else 0, result.precision, tuple(result.probabilities.shape),
         f" ({result.prior_rows} rows class prior: out of time)" if result.prior_rows else "",
         time.monotonic() - start, elapsed + config.time_budget,

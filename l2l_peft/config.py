@@ -69,7 +69,13 @@ class AdaptConfig:
     seed: int = _help("seed for head/adapter init, batch order and augmentation", default=0)
     cpu: bool = _help("run on the CPU even when a GPU is present", default=False)
     precision: Precision = _help("mixed precision: auto, bf16, fp16 or no", default=Precision.AUTO)
-    method: Method = _help("adaptation method (lora, dora, loha, lokr, ia3, vera, bitfit, vpt-shallow, vpt-deep, head, full)", default=Method.LORA)
+    method: str = _help(
+        "adaptation method (lora, dora, loha, lokr, ia3, vera, bitfit, vpt-shallow, vpt-deep, head, full); "
+        "several joined by '+' are trained one after the other and their query probabilities averaged, a "
+        "later one only when the time budget leaves room for it (docs/recipe.md: lora+full beat either alone "
+        "on datasets the backbone never saw)",
+        default="lora+full",
+    )
     lora_rank: int = _help("rank of LoRA-family adapters", default=16)
     lora_alpha: float = _help("LoRA scaling numerator (scale = alpha / rank)", default=32.0)
     lora_dropout: float = _help("dropout on the LoRA input; regularises tiny supports", default=0.1)
@@ -111,7 +117,9 @@ class AdaptConfig:
 
     def __post_init__(self) -> None:
         self.precision = _enum(Precision, self.precision, "precision")
-        self.method = _enum(Method, self.method, "method")
+        self.method = "+".join(_enum(Method, m, "method").value for m in _split_methods(self.method))
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"AdaptConfig.method names a method twice: {self.method!r}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison below
@@ -134,6 +142,15 @@ class AdaptConfig:
             raise ValueError(f"AdaptConfig.head_init must be 'prototype' or 'zero', got {_short(self.head_init)}")
         if not 0 <= self.warmup_frac < 1:
             raise ValueError(f"AdaptConfig.warmup_frac must be in [0, 1), got {_short(self.warmup_frac)}")
+
+    @property
+    def methods(self) -> tuple[Method, ...]:
+        """The ensemble's members in training order (one for a single method)."""
+        return tuple(Method(m) for m in self.method.split("+"))
+
+    def members(self) -> list[AdaptConfig]:
+        """One config per method of the ensemble, everything else shared."""
+        return [dataclasses.replace(self, method=m.value) for m in self.methods]
 
     def with_env(self) -> AdaptConfig:
         """Fill unset fields from the container's environment variables."""
@@ -166,6 +183,11 @@ def _short(value: Any, limit: int = 200) -> str:
     """repr(value), cut to `limit` characters: an error message must not echo a 10 MB argument."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _split_methods(value: Any) -> list[Any]:
+    """'lora+full' -> ['lora', 'full']; a Method member stays one item."""
+    return [value] if isinstance(value, Enum) else [part.strip() for part in str(value).split("+")]
 
 
 def _enum(kind: type[Enum], value: Any, name: str) -> Any:

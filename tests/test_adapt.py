@@ -9,6 +9,7 @@ from torchcross.data.task import TaskTarget
 from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
 
 from l2l_peft import AdaptConfig, adapt, run
+from l2l_peft.config import Method
 from l2l_peft.backbone import load_backbone
 
 FAST = dict(cpu=True, max_steps=8, min_steps=1)
@@ -51,7 +52,7 @@ def test_challenge_size_images_are_resized(vit_dir):
 def test_base_weights_unchanged_and_only_adapters_train(vit_dir):
     before = {k: v.clone() for k, v in load_backbone(str(vit_dir)).state_dict().items()}
     task, _ = make_task()
-    result = run(task, model=str(vit_dir), cpu=True, max_steps=10, lr_adapter=0.1)
+    result = run(task, model=str(vit_dir), method="lora", cpu=True, max_steps=10, lr_adapter=0.1)
     after = load_backbone(str(vit_dir)).state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -72,7 +73,7 @@ def test_base_weights_bit_identical_inside_the_adapted_model(vit_dir, monkeypatc
 
     monkeypatch.setattr(api, "predict", spy)
     task, _ = make_task()
-    run(task, model=str(vit_dir), cpu=True, max_steps=10, lr_adapter=0.1)
+    run(task, model=str(vit_dir), method="lora", cpu=True, max_steps=10, lr_adapter=0.1)
     pristine = load_backbone(str(vit_dir)).model.state_dict()
     adapted = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in captured["state"].items()}
     for name, tensor in pristine.items():
@@ -140,3 +141,36 @@ def test_each_call_runs_at_its_own_precision(vit_dir):
     assert run(task, precision="bf16", **common).precision == "bf16"
     assert run(task, precision="no", **common).precision == "no"
     assert run(task, precision="bf16", **common).precision == "bf16"
+
+
+def test_default_is_the_lora_full_ensemble_and_averages_its_members(vit_dir):
+    """The default trains LoRA, then full fine-tuning, and returns the mean of their probabilities."""
+    assert AdaptConfig().methods == (Method.LORA, Method.FULL)
+    task, _ = make_task(TaskTarget.MULTICLASS_CLASSIFICATION)
+    both = run(task, model=str(vit_dir), **FAST)
+    lora = adapt(task, model=str(vit_dir), method="lora", **FAST)
+    full = adapt(task, model=str(vit_dir), method="full", **FAST)
+    assert both.methods == "lora+full" and not torch.allclose(lora, full)
+    torch.testing.assert_close(both.probabilities, (lora + full) / 2)
+    check_output(both.probabilities, TaskTarget.MULTICLASS_CLASSIFICATION, 9)
+
+
+def test_ensemble_member_skipped_without_time_for_it(vit_dir, monkeypatch, caplog):
+    """With a budget, a further member runs only when the time left covers it: else the first alone."""
+    task, _ = make_task(TaskTarget.BINARY_CLASSIFICATION)
+    monkeypatch.setattr("l2l_peft.api.ENSEMBLE_HEADROOM", 1e9)
+    with caplog.at_level("INFO", logger="l2l_peft.api"):
+        result = run(task, model=str(vit_dir), time_budget=600.0, **FAST)
+    assert result.methods == "lora" and "ensemble: full skipped" in caplog.text
+    torch.testing.assert_close(result.probabilities, adapt(task, model=str(vit_dir), method="lora", **FAST))
+
+
+@pytest.mark.parametrize(
+    "method, error",
+    [("lora+lora", "names a method twice"), ("lora+fulll", "must be one of"), ("", "must be one of")],
+)
+def test_method_combinations_are_checked(method, error):
+    with pytest.raises(ValueError, match=error):
+        AdaptConfig(method=method)
+    assert AdaptConfig(method=" full + lora ").method == "full+lora"
+    assert AdaptConfig(method=Method.DORA).methods == (Method.DORA,)

@@ -15,7 +15,7 @@ from l2l_peft.prefix import frozen_prefix
 from l2l_peft.targets import build_objective
 from l2l_peft.task import load_task
 
-EXACT = dict(cpu=True, max_steps=6, min_steps=6, augment=False, lora_dropout=0.0, lora_last_blocks=1)
+EXACT = dict(method="lora", cpu=True, max_steps=6, min_steps=6, augment=False, lora_dropout=0.0, lora_last_blocks=1)
 
 
 @pytest.mark.parametrize("family", ["vit", "dinov2", "clip", "siglip", "swin"])
@@ -30,12 +30,12 @@ def test_prefix_cache_trains_like_the_full_model(model_dirs, family):
 
 def test_prefix_cache_with_augmented_views_trains(vit_dir):
     task, _ = make_task(TaskTarget.BINARY_CLASSIFICATION)
-    result = run(task, model=str(vit_dir), cpu=True, max_steps=8, lora_last_blocks=1, prefix_views=3)
+    result = run(task, model=str(vit_dir), method="lora", cpu=True, max_steps=8, lora_last_blocks=1, prefix_views=3)
     assert result.train.steps == 8 and torch.isfinite(result.probabilities).all()
 
 
 def _extractor(vit_dir, **overrides):
-    config = AdaptConfig(model=str(vit_dir), **overrides)
+    config = AdaptConfig(model=str(vit_dir), **{"method": "lora", **overrides})  # the speed paths are LoRA's
     data = load_task(make_task()[0])
     objective = build_objective(data.target, data.classes, data.support_labels)
     return build_classifier(load_backbone(config.model), objective, config).extractor
@@ -96,7 +96,7 @@ def test_bf16_stream_trains_every_method(vit_dir):
 @pytest.mark.parametrize("last_blocks", [None, 1])
 def test_cuda_graph_trains_like_eager(vit_dir, target, last_blocks):
     task, _ = make_task(target)
-    common = dict(max_steps=12, min_steps=12, augment=False, lora_dropout=0.0, lora_last_blocks=last_blocks, precision="bf16")
+    common = dict(method="lora", max_steps=12, min_steps=12, augment=False, lora_dropout=0.0, lora_last_blocks=last_blocks, precision="bf16")
     graphed = run(task, model=str(vit_dir), cuda_graphs=True, **common)
     eager = run(task, model=str(vit_dir), cuda_graphs=False, **common)
     assert graphed.train.final_loss == pytest.approx(eager.train.final_loss, rel=2e-2, abs=1e-3)
