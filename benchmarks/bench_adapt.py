@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from l2l_peft import api
 from l2l_peft.adapters import find_target_modules
+from l2l_peft.config import make_config
 from l2l_peft.task import load_task
 
 
@@ -92,14 +93,16 @@ def run_adapt(name: str, arch: str, model_dir: Path, support: int, query: int, s
             memory = peak_memory_gb()
             if best is None or result.timings["total"] < best[0].timings["total"]:
                 best = (result, memory)
-        flops = step_flops(flops_data, model_dir, overrides)
+        # FLOPs and rate of the first ensemble member: result.train reports that member's steps and seconds
+        first = make_config(None, **overrides).methods[0].value
+        flops = step_flops(flops_data, model_dir, {**overrides, "method": first})
     result, memory = best
     report = result.train
     rate = report.steps * flops / report.seconds / 1e12
     return Row(
         name, arch, support, query, report.batch_size, report.steps,
         result.timings["load"], result.timings["adapt"], result.timings["predict"], report.seconds, result.timings["total"],
-        None, report.images_per_second, flops / 1e9, rate, rate / peak, memory,
+        None, report.images_per_second, flops / 1e9, rate, rate / peak, memory, f"members {result.methods}",
     )  # fmt: skip
 
 
@@ -220,6 +223,8 @@ def plan(smoke: bool) -> tuple[list[tuple], list[tuple], list[tuple]]:
     adapt += [
         ("default vit-b16 s500", "vit-b16", 500, 500, {}),
         ("default vit-b16 s50 q2000", "vit-b16", 50, 2000, {}),
+        ("B50: lora only", "vit-b16", 50, 500, dict(method="lora")),
+        ("B50: full only", "vit-b16", 50, 500, dict(method="full")),
         ("B50: no CUDA graphs", "vit-b16", 50, 500, dict(cuda_graphs=False)),
         ("B50: float32 residual stream", "vit-b16", 50, 500, dict(storage="matmuls")),
         ("B50: no bf16 weight storage", "vit-b16", 50, 500, dict(storage="none")),
