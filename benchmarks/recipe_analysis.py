@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 from torchcross.data.task import TaskTarget
 
+import common  # noqa: F401  (the checkout's l2l_peft first on sys.path)
 from l2l_peft.experiments.metrics import task_metrics
 from l2l_peft.experiments.results import bootstrap
 from l2l_peft.frozen import ProbeConfig, fit_linear_probe, prototype_head
 from l2l_peft.targets import build_objective
-from l2l_peft.transductive import TransductiveConfig, refine
+from transductive import TransductiveConfig, refine
 
 Record = dict
 Candidate = Callable[[Record], torch.Tensor]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+import common  # noqa: F401  (the checkout's l2l_peft first on sys.path)
 from l2l_peft.api import fit
 from l2l_peft.backbone import load_backbone
 from l2l_peft.config import AdaptConfig
@@ -33,12 +34,12 @@ from l2l_peft.train import make_accelerator
 # Datasets the shipped l2l-vit-tiny-med never saw (its model card lists the six it was trained on).
 UNSEEN = ["isic_skin_8class", "pbc_blood_cells", "lung_ultrasound_pocus", "covid_ct_ucsd", "kidney_ct_4class", "alzheimer_mri_4class"]
 RECIPES: dict[str, dict] = {
-    "lora": {},
+    "lora": {"method": "lora"},
     "full": {"method": "full"},
-    "lora_all": {"lora_targets": "all"},
+    "lora_all": {"method": "lora", "lora_targets": "all"},
     "head": {"method": "head"},
-    "lora_lr3e-3": {"lr_adapter": 3e-3},
-    "lora_long": {"epochs": 100.0, "max_steps": 200},
+    "lora_lr3e-3": {"method": "lora", "lr_adapter": 3e-3},
+    "lora_long": {"method": "lora", "epochs": 100.0, "max_steps": 200},
     "full_lr1e-4": {"method": "full", "lr_adapter": 1e-4},
 }
 FEATURES_OF = "lora"  # the recipe whose adapted features are kept for transductive rules

@@ -78,3 +78,40 @@ def test_bench_multi_gpu_smoke_compares_one_and_two_processes(tmp_path):
     assert one["tasks"] == two["tasks"] > 0 and two["same_rows"] and two["metrics_differing"] == 0 < two["metrics_compared"]
     assert [len(r["loss"]) for r in result["pretraining"].values()] == [4, 4]  # 4 steps each, logged every step
     assert "| 2 GPUs x 4 | 8 |" in proc.stdout
+
+
+def test_recipe_study_and_analysis_run_end_to_end(tmp_path, vit_dir):
+    """The recipe study writes raw predictions that the analysis scores, paired by task (CPU, tiny model)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 2
+    save_npz_dataset(data, "spots", level_images(labels, (12, 12), 120, rng), labels, "binary")
+    out = tmp_path / "study"
+    study = [sys.executable, "benchmarks/recipe_study.py", "--data", str(data), "--datasets", "spots", "--out", str(out),
+             "--model", str(vit_dir), "--shots", "2", "--tasks", "2", "--query-per-class", "3", "--recipes", "lora", "head"]  # fmt: skip
+    proc = subprocess.run(study, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    analysis = [sys.executable, "benchmarks/recipe_analysis.py", str(out), "--only", "lora", "head", "prototypes"]
+    proc = subprocess.run(analysis, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 tasks" in proc.stdout and "| head |" in proc.stdout and "| prototypes |" in proc.stdout
+
+
+def test_transductive_refinement_ignores_query_order_and_labels():
+    """The studied transductive rule sees support labels only, and a query image's output does not depend on order."""
+    import torch
+    from torchcross.data.task import TaskTarget
+    from transductive import TransductiveConfig, refine
+
+    from l2l_peft.targets import build_objective
+
+    torch.manual_seed(0)
+    labels = torch.arange(12) % 3
+    support = torch.randn(12, 16) + labels[:, None].float()
+    query = torch.randn(9, 16) + (torch.arange(9) % 3)[:, None].float()
+    objective = build_objective(TaskTarget.MULTICLASS_CLASSIFICATION, {0: "a", 1: "b", 2: "c"}, labels)
+    probs = refine(objective, support, labels, query, TransductiveConfig())
+    order = torch.randperm(9)
+    torch.testing.assert_close(refine(objective, support, labels, query[order], TransductiveConfig()), probs[order])
+    torch.testing.assert_close(probs.sum(1), torch.ones(9))

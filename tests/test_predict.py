@@ -55,3 +55,12 @@ def test_a_spent_budget_answers_the_prior_for_every_query(vit_dir, predictor):
     result = run(data, config) if predictor == "adapted" else run_frozen(data, config, Frozen.PROTOTYPES)
     assert result.prior_rows == 40
     assert torch.equal(result.probabilities, class_prior(data))
+
+
+def test_training_leaves_a_training_steps_time_per_query_image(monkeypatch):
+    """A step took 1 s for 10 images: predicting 30 query images needs ~3 s more, so with 3.5 s left training stops."""
+    from l2l_peft import train
+
+    monkeypatch.setattr(train.time, "monotonic", lambda: 101.0)
+    assert train._out_of_time(start=100.0, done=1, batch=10, predict_images=30, deadline=101.0 + 3.5)
+    assert not train._out_of_time(start=100.0, done=1, batch=10, predict_images=30, deadline=101.0 + 4.5)

@@ -1,4 +1,6 @@
-"""Transductive refinement: use the unlabelled query set, which the task hands us at prediction time.
+"""Transductive refinement (studied in docs/recipe.md, not adopted: it lost on every shot count).
+
+The query set is handed over at prediction time, so it can be used.
 
 Soft k-means over support and query features: start from query probabilities (a trained model's,
 or the support prototypes'), then alternate between weighted class prototypes (support labels as
@@ -15,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .head import Head
-from .targets import Objective
-from .task import TaskError
+from l2l_peft.head import Head
+from l2l_peft.targets import Objective
+from l2l_peft.task import TaskError
 
 
 @dataclass
