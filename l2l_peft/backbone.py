@@ -170,18 +170,18 @@ class FeatureExtractor(nn.Module):
         self.feature_dim = 2 * self.hidden_size
         self.num_prefix_tokens = self._count_prefix_tokens()
 
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """[-1, 1] challenge pixels -> the normalisation and size the backbone was trained with."""
+    def preprocess(self, images: torch.Tensor, *, resize: bool = True) -> torch.Tensor:
+        """[-1, 1] challenge pixels -> the normalisation and (with `resize`) size the backbone was trained with."""
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
-        if images.shape[-2:] != (self.input_size, self.input_size):
+        if resize and images.shape[-2:] != (self.input_size, self.input_size):
             images = F.interpolate(
                 images, size=(self.input_size, self.input_size), mode="bilinear", antialias=True, align_corners=False
             )
         return ((images + 1) / 2 - self.mean) / self.std
 
-    def tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = self.model(pixel_values=pixels)
+    def tokens(self, pixels: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.model(pixel_values=pixels, **kwargs)
         return out.last_hidden_state, getattr(out, "pooler_output", None)
 
     @torch.no_grad()
@@ -200,6 +200,14 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.pool(*self.tokens(self.preprocess(images)))
+
+    def native_size_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Features at the images' own side (a multiple of the patch), position embeddings interpolated (HF ViT).
+
+        Multi-crop self-distillation feeds small local crops this way: resizing them to the input
+        size would cost as much as a global crop.
+        """
+        return self.pool(*self.tokens(self.preprocess(images, resize=False), interpolate_pos_encoding=True))
 
     def pool(self, hidden: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
         """The feature rule: concat(global token, mean of patch tokens)."""

@@ -1,8 +1,9 @@
-"""Pretraining: a tiny CPU run exports a backbone adapt() loads offline; resume continues exactly."""
+"""Pretraining: a tiny CPU run exports a backbone adapt() loads offline; resume continues exactly; the DINO objective."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -17,10 +18,14 @@ from safetensors import safe_open
 
 from conftest import level_images, make_task, save_npz_dataset
 from l2l_peft import adapt
+from l2l_peft.backbone import load_backbone
+from l2l_peft.pretrain import data as pretrain_data
 from l2l_peft.pretrain.__main__ import main
-from l2l_peft.pretrain.augment import StrongAugment
+from l2l_peft.pretrain.augment import MultiCrop, StrongAugment
 from l2l_peft.pretrain.config import load_config
 from l2l_peft.pretrain.data import load_sources
+from l2l_peft.pretrain.model import build_extractor
+from l2l_peft.pretrain.ssl import DinoHead, DinoTeacher, cosine_schedule
 
 TINY_VIT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 37}
 
@@ -171,3 +176,143 @@ def test_compiled_pretraining_trains_like_eager(config_path, tmp_path):
     eager, compiled = ([json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("eager", "compiled"))
     assert compiled == pytest.approx(eager, rel=1e-3)
     assert _weights(tmp_path / "eager").keys() == _weights(tmp_path / "compiled").keys()
+
+
+# --- self-supervised objective (DINO, issue #16) ---------------------------------------------------------------------
+
+SSL = {"local_crops": 2, "local_crop_size": 16, "ssl_hidden_dim": 32, "ssl_bottleneck_dim": 16, "ssl_out_dim": 64}
+
+
+def _variant(config_path: Path, directory: Path, **changes) -> Path:
+    path = directory / "variant.yaml"
+    path.write_text(yaml.safe_dump(yaml.safe_load(config_path.read_text()) | changes))
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes, name",
+    [
+        ({"objective": "dino"}, "objective"),
+        ({"objective": "ssl", "local_crop_size": 12}, "local_crop_size"),  # not a multiple of patch_size 8
+        ({"objective": "ssl", "local_crop_size": 40}, "local_crop_size"),  # larger than image_size 32
+        ({"teacher_momentum": [1.0, 0.99]}, "teacher_momentum"),
+        ({"teacher_temp": 0}, "teacher_temp"),
+        ({"ssl_weight": -1}, "ssl_weight"),
+        ({"global_crop_scale": [0.5, 0.2]}, "global_crop_scale"),
+        ({"local_crop_scale": [0, 0.2]}, "local_crop_scale"),
+        ({"ssl_out_dim": 0}, "ssl_out_dim"),
+        ({"local_crops": -1}, "local_crops"),
+        ({"center_momentum": 1}, "center_momentum"),
+    ],
+)
+def test_ssl_settings_are_validated(config_path, changes, name):
+    with pytest.raises(ValueError, match=f"PretrainConfig.{name} "):
+        load_config(config_path, **changes)
+    assert load_config(config_path, local_crop_size=12).objective == "supervised"  # crop sizes only matter for ssl
+
+
+def test_multi_crop_views(config_path):
+    """ssl: two global views at image_size and small local ones, view-major; supervised: today's single view."""
+    batches = [torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 256, (2, 3, 20, 24), dtype=torch.uint8)]
+    images, local = MultiCrop.for_config(load_config(config_path, objective="ssl", **SSL))(batches, torch.Generator().manual_seed(0))
+    assert images.shape == (2 * 5, 3, 32, 32) and local.shape == (2 * 5, 3, 16, 16)
+    assert not torch.equal(images[:5], images[5:])  # two different views of the same images
+    images, local = MultiCrop.for_config(load_config(config_path))(batches, torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    assert local is None and torch.equal(images, torch.cat([StrongAugment(32)(x, generator) for x in batches]))
+
+
+def test_dino_teacher_is_an_ema_without_gradients(config_path):
+    """The student fits the teacher's targets on a fixed batch; the teacher gets no gradients and moves by EMA only."""
+    config = load_config(config_path, objective="ssl", **SSL)
+    torch.manual_seed(0)
+    extractor = build_extractor(config)
+    head = DinoHead(extractor.feature_dim, hidden_dim=32, bottleneck_dim=16, out_dim=64)
+    teacher = DinoTeacher(extractor, head, config)
+    batches = [torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)]
+    images, local = MultiCrop.for_config(config)(batches, torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW([*extractor.parameters(), *head.parameters()], lr=1e-3)
+    losses = []
+    for _ in range(6):
+        student = head(torch.cat([extractor(images), extractor.native_size_features(local)]))
+        loss = teacher.loss(student, teacher(images))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        before = [p.clone() for p in teacher.parameters()]
+        teacher.update(extractor, head, fraction=0.0)
+        losses.append(loss.item())
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    expected = [b + (1 - 0.996) * (s - b) for b, s in zip(before, [*extractor.parameters(), *head.parameters()])]
+    assert all(torch.allclose(p, e, atol=1e-7) for p, e in zip(teacher.parameters(), expected))  # EMA, m = 0.996
+    assert not torch.equal(teacher.head.prototypes, head.prototypes) and bool(teacher.center.abs().sum() > 0)
+    assert losses[-1] < losses[0] and all(math.isfinite(v) for v in losses)
+    assert cosine_schedule(0.996, 1.0, 0.0) == 0.996 and cosine_schedule(0.996, 1.0, 1.0) == 1.0
+
+
+def test_ssl_needs_no_labels_and_exports_only_the_backbone(config_path, tmp_path, monkeypatch):
+    """objective ssl builds no supervised objective (labels are never read); teacher and heads stay in the checkpoint."""
+    monkeypatch.setattr(pretrain_data, "build_objective", lambda *a: pytest.fail("ssl built a supervised objective"))
+    out = tmp_path / "run"
+    assert main([str(_variant(config_path, tmp_path, objective="ssl", **SSL)), "--output", str(out), "--cpu", "--log-level", "WARNING"]) == 0
+    weights = _weights(out)
+    assert weights and not any(part in k for k in weights for part in ("heads", "ssl", "teacher", "center"))
+    features = load_backbone(str(out))(torch.zeros(2, 1, 28, 28))
+    assert features.shape == (2, 64) and bool(torch.isfinite(features).all())
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["losses"].keys() == {"ssl"} and math.isfinite(r["loss"]) for r in log)
+    teacher = torch.load(out / "checkpoint" / "custom_checkpoint_0.pkl", weights_only=True)
+    assert {"center", "head.prototypes"} <= teacher.keys() and any(k.startswith("backbone.model.") for k in teacher)
+
+
+def test_both_resumes_with_teacher_and_center(config_path, tmp_path):
+    """both = mean supervised loss + ssl_weight * DINO; split at step 2 and resumed = uninterrupted, bitwise
+    (student, optimizer, teacher and center all come back)."""
+    path = _variant(config_path, tmp_path, objective="both", ssl_weight=0.5, **SSL)
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    args = ["--cpu", "--log-level", "WARNING"]
+    assert main([str(path), "--output", str(whole), *args]) == 0
+    last = json.loads((whole / "log.jsonl").read_text().splitlines()[-1])
+    assert last["losses"].keys() == {"gray_mc", "rgb_ml", "ssl"}
+    assert last["loss"] == pytest.approx((last["losses"]["gray_mc"] + last["losses"]["rgb_ml"]) / 2 + 0.5 * last["losses"]["ssl"], abs=1e-4)
+    assert main([str(path), "--output", str(split), "--stop-at", "2", *args]) == 0
+    assert main([str(path), "--output", str(split), *args]) == 0
+    a, b = _weights(whole), _weights(split)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    teachers = [torch.load(run / "checkpoint" / "custom_checkpoint_0.pkl", weights_only=True) for run in (whole, split)]
+    assert all(torch.equal(teachers[0][k], teachers[1][k]) for k in teachers[0])
+    assert main([str(config_path), "--output", str(split), *args]) == 2  # a supervised config on this checkpoint: refused
+
+
+CENTER_WORKER = """
+import os, sys, torch, torch.distributed as dist
+from l2l_peft.pretrain.config import PretrainConfig
+from l2l_peft.pretrain.ssl import DinoHead, DinoTeacher
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+config = PretrainConfig(sources=[{"kind": "npz", "path": "-"}], objective="ssl")
+teacher = DinoTeacher(torch.nn.Identity(), DinoHead(4, hidden_dim=4, bottleneck_dim=4, out_dim=3), config)
+targets = torch.full((4, 3), float(rank + 1))  # each process sees other teacher outputs
+teacher.loss(torch.zeros(8, 3), targets)
+torch.save(teacher.center, os.path.join(sys.argv[1], f"center{rank}.pt"))
+dist.destroy_process_group()
+"""
+
+
+def test_center_is_averaged_over_processes(tmp_path):
+    """DDP: the center's update all-reduces the batch means, so every process keeps the same center."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "worker.py").write_text(CENTER_WORKER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(tmp_path)], env={**env, "RANK": str(r)},
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]  # fmt: skip
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()[-2000:]
+    centers = [torch.load(tmp_path / f"center{r}.pt") for r in range(2)]
+    assert torch.equal(centers[0], centers[1])
+    assert torch.allclose(centers[0], torch.full((1, 3), 0.1 * 1.5))  # (1 - 0.9) * mean(1, 2)

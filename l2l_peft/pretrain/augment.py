@@ -2,16 +2,21 @@
 
 One affine grid per batch does random resized crop, flips, rotation and the resize to the model
 size at once (bilinear, as `to_challenge` resizes); colour jitter and gray <-> RGB follow. The
-output is what adapt() feeds the backbone: 3 x size x size in [-1, 1].
+output is what adapt() feeds the backbone: 3 x size x size in [-1, 1]. MultiCrop draws several
+such views per image (global and small local crops) for self-distillation.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
+from .config import PretrainConfig
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights, as PIL's convert("L")
 
@@ -65,3 +70,34 @@ class StrongAugment:
         gray = (x * luma).sum(1, keepdim=True)
         saturation = torch.where(uniform(0, 1, n, 1, 1, 1) < self.grayscale, 0.0, uniform(1 - j, 1 + j, n, 1, 1, 1))
         return (gray + (x - gray) * saturation).clamp(0, 1)
+
+
+@dataclass(frozen=True)
+class MultiCrop:
+    """Views of one batch drawn per dataset: `n_global` at the model size, `n_local` small crops (DINO's multi-crop).
+
+    Views are view-major (all images of view 0, then view 1, ...), so `.chunk(n)` splits them by
+    view. Supervised pretraining is one global view and no local ones.
+    """
+
+    global_view: StrongAugment
+    local_view: StrongAugment | None = None
+    n_global: int = 1
+    n_local: int = 0
+
+    def __call__(self, batches: list[torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, Tensor | None]:
+        """uint8 images of each dataset -> (global views [n_global * N, 3, size, size], local views or None)."""
+        views = torch.cat([self.global_view(x, generator) for _ in range(self.n_global) for x in batches])
+        if not self.n_local:
+            return views, None
+        return views, torch.cat([self.local_view(x, generator) for _ in range(self.n_local) for x in batches])
+
+    @classmethod
+    def for_config(cls, config: PretrainConfig) -> MultiCrop:
+        """Supervised: one view at crop_scale. ssl/both: two global views + `local_crops` small ones."""
+        strong = partial(StrongAugment, max_rotation=config.max_rotation, vflip=config.vflip, jitter=config.jitter,
+                         grayscale=config.grayscale)  # fmt: skip
+        if not config.objective.ssl:
+            return cls(strong(config.image_size, config.crop_scale))
+        local = strong(config.local_crop_size, config.local_crop_scale)
+        return cls(strong(config.image_size, config.global_crop_scale), local, n_global=2, n_local=config.local_crops)

@@ -11,8 +11,16 @@ import yaml
 from accelerate import Accelerator
 
 from ..datasets import LabelledDataset
-from .config import PretrainConfig
+from .config import PretrainConfig, PretrainObjective
 from .loop import LOG, Progress
+
+
+OBJECTIVES = {
+    PretrainObjective.SUPERVISED: "multi-task supervised learning (one head per dataset, each with its target type's loss)",
+    PretrainObjective.SSL: "DINO self-distillation (multi-crop, EMA teacher; labels unused)",
+    PretrainObjective.BOTH: "multi-task supervised learning (one head per dataset) plus DINO self-distillation "
+    "(multi-crop, EMA teacher) on the same images",
+}
 
 
 def hardware(accelerator: Accelerator) -> str:
@@ -51,9 +59,9 @@ tags: [vision-transformer, medical-imaging, l2l_peft]
 
 A ViT ({parameters:,} parameters; hidden {model_config['hidden_size']}, {model_config['num_hidden_layers']} layers, patch {model_config['patch_size']},
 input {model_config['image_size']}) pretrained from {'`' + config.init_from + '`' if config.init_from else 'random initialisation'} by
-multi-task supervised learning on medical images with `python -m l2l_peft.pretrain` (one head per
-dataset, each with its target type's loss; datasets sampled in balance). Only the backbone is stored
-(no task heads), in {config.save_dtype} safetensors; `config.json` says float32, so it loads in float32.
+{OBJECTIVES[config.objective]} on medical images with `python -m l2l_peft.pretrain` (datasets
+sampled in balance). Only the backbone is stored (no task heads, no DINO head or teacher), in
+{config.save_dtype} safetensors; `config.json` says float32, so it loads in float32.
 
 Inputs: the challenge form, [-1, 1] pixels at {config.image_size}x{config.image_size}, gray images repeated to 3 channels.
 `preprocessor_config.json` therefore has mean = std = 0.5 (the identity on [-1, 1]). Features as used

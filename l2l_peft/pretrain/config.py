@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,29 @@ from ..config import Precision
 VIT_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
 
 
+class PretrainObjective(str, Enum):
+    """What the backbone learns from: the per-dataset heads, DINO self-distillation, or their sum."""
+
+    SUPERVISED = "supervised"
+    SSL = "ssl"
+    BOTH = "both"
+
+    @property
+    def supervised(self) -> bool:
+        return self is not PretrainObjective.SSL
+
+    @property
+    def ssl(self) -> bool:
+        return self is not PretrainObjective.SUPERVISED
+
+
 def _help(text: str, **kwargs: Any) -> Any:
     return field(metadata={"help": text}, **kwargs)
 
 
 @dataclass
 class PretrainConfig:
-    """One multi-task supervised pretraining run."""
+    """One pretraining run: multi-task supervised, self-supervised (DINO) or both."""
 
     # data
     sources: list[dict[str, Any]] = _help(
@@ -66,6 +83,28 @@ class PretrainConfig:
     vflip: float = _help("probability of a vertical flip (horizontal flips: 0.5)", default=0.5)
     jitter: float = _help("brightness (+-jitter/2), contrast and saturation (1+-jitter) strength", default=0.4)
     grayscale: float = _help("probability that an RGB image is turned gray", default=0.2)
+    # objective; the ssl_* and crop fields below only matter for ssl and both (docs/pretraining.md)
+    objective: PretrainObjective = _help(
+        "supervised: one head per dataset (labels needed); ssl: DINO self-distillation with multi-crop "
+        "(labels ignored); both: supervised + ssl_weight * ssl on the same images (the heads read the first global crop)",
+        default=PretrainObjective.SUPERVISED,
+    )
+    ssl_weight: float = _help("weight of the DINO loss added to the mean supervised loss (objective both)", default=1.0)
+    ssl_hidden_dim: int = _help("DINO projection head: hidden width of its 3-layer MLP", default=2048)
+    ssl_bottleneck_dim: int = _help("DINO projection head: L2-normalised bottleneck width", default=256)
+    ssl_out_dim: int = _help("DINO head: prototypes (softmax width) of the weight-normalised last layer", default=8192)
+    teacher_momentum: tuple[float, float] = _help(
+        "EMA momentum of the teacher, cosine from the first value to the second over the schedule", default=(0.996, 1.0)
+    )
+    teacher_temp: float = _help("softmax temperature of the centred teacher outputs (sharpening)", default=0.04)
+    student_temp: float = _help("softmax temperature of the student outputs", default=0.1)
+    center_momentum: float = _help("EMA momentum of the center subtracted from teacher outputs", default=0.9)
+    global_crop_scale: tuple[float, float] = _help(
+        "the two global crops (image_size, seen by teacher and student): area fraction range", default=(0.32, 1.0)
+    )
+    local_crops: int = _help("small crops per image, seen by the student only (0: two global crops only)", default=6)
+    local_crop_size: int = _help("local crops' side, a multiple of patch_size (position embeddings interpolated)", default=96)
+    local_crop_scale: tuple[float, float] = _help("local crops: area fraction range", default=(0.05, 0.32))
     # bookkeeping
     name: str = _help("model name written into the card", default="l2l-vit-tiny-med")
     checkpoint_every: int = _help("steps between checkpoints (always one at the end)", default=1000)
@@ -75,6 +114,11 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         self.precision = Precision(self.precision)
         self.crop_scale = tuple(self.crop_scale)
+        try:
+            self.objective = PretrainObjective(self.objective)
+        except ValueError:
+            choices = ", ".join(o.value for o in PretrainObjective)
+            raise ValueError(f"PretrainConfig.objective must be one of {choices}, got {self.objective!r}") from None
         if self.model_size not in VIT_SIZES and self.init_from is None:
             raise ValueError(f"PretrainConfig.model_size must be one of {', '.join(VIT_SIZES)}, got {self.model_size!r}")
         if not self.sources:
@@ -88,11 +132,43 @@ class PretrainConfig:
             raise ValueError(f"PretrainConfig.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale!r}")
         if self.save_dtype not in ("bf16", "fp32"):
             raise ValueError(f"PretrainConfig.save_dtype must be bf16 or fp32, got {self.save_dtype!r}")
+        self._validate_ssl()
+
+    def _validate_ssl(self) -> None:
+        for name in ("teacher_momentum", "global_crop_scale", "local_crop_scale"):
+            setattr(self, name, tuple(getattr(self, name)))
+        for name in ("ssl_hidden_dim", "ssl_bottleneck_dim", "ssl_out_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PretrainConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("ssl_weight", "teacher_temp", "student_temp"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"PretrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if len(self.teacher_momentum) != 2 or not 0 <= self.teacher_momentum[0] <= self.teacher_momentum[1] <= 1:
+            raise ValueError(
+                "PretrainConfig.teacher_momentum must be (start, end) with 0 <= start <= end <= 1, "
+                f"got {self.teacher_momentum!r}"
+            )
+        if not 0 <= self.center_momentum < 1:
+            raise ValueError(f"PretrainConfig.center_momentum must be in [0, 1), got {self.center_momentum!r}")
+        for name in ("global_crop_scale", "local_crop_scale"):
+            scale = getattr(self, name)
+            if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+                raise ValueError(f"PretrainConfig.{name} must be (low, high) with 0 < low <= high <= 1, got {scale!r}")
+        if self.local_crops < 0:
+            raise ValueError(f"PretrainConfig.local_crops must be >= 0, got {self.local_crops!r}")
+        size = self.local_crop_size
+        if self.objective.ssl and self.local_crops and (size < 1 or size % self.patch_size or size > self.image_size):
+            raise ValueError(
+                f"PretrainConfig.local_crop_size must be a multiple of patch_size ({self.patch_size}) and at most "
+                f"image_size ({self.image_size}), got {self.local_crop_size!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["precision"] = self.precision.value
-        out["crop_scale"] = list(self.crop_scale)
+        out["objective"] = self.objective.value
+        for name in ("crop_scale", "teacher_momentum", "global_crop_scale", "local_crop_scale"):
+            out[name] = list(getattr(self, name))
         return out
 
 

@@ -44,12 +44,12 @@ def train_rows(ds: LabelledDataset, name: str) -> LabelledDataset:
 
 @dataclass
 class Source:
-    """One dataset on the device with its objective (loss for its target type)."""
+    """One dataset on the device with its objective (loss for its target type; None where labels are not used)."""
 
     name: str
     images: torch.Tensor  # uint8 [N, C, H, W] on the device
     labels: torch.Tensor  # on the device
-    objective: Objective
+    objective: Objective | None
 
 
 class BalancedSampler:
@@ -59,9 +59,14 @@ class BalancedSampler:
     batches the uninterrupted run would have, and processes draw different batches.
     """
 
-    def __init__(self, datasets: list[LabelledDataset], *, batch_size: int, device: torch.device, seed: int, rank: int) -> None:
+    def __init__(
+        self, datasets: list[LabelledDataset], *, batch_size: int, device: torch.device, seed: int, rank: int,
+        labelled: bool = True,
+    ) -> None:  # fmt: skip
+        """`labelled=False` (self-supervised only): labels are drawn but never read, so no objective is built."""
         self.sources = [
-            Source(ds.name, ds.images.to(device), ds.labels.to(device), build_objective(ds.target, ds.classes, ds.labels))
+            Source(ds.name, ds.images.to(device), ds.labels.to(device),
+                   build_objective(ds.target, ds.classes, ds.labels) if labelled else None)
             for ds in datasets
         ]  # fmt: skip
         self.per_source = max(1, batch_size // len(self.sources))
@@ -77,6 +82,7 @@ class BalancedSampler:
         self.generator.manual_seed(((self.seed * 1_000_003 + self.rank) * 1_000_003 + step) % (2**63))
         batches = []
         for source in self.sources:
-            idx = torch.randint(len(source.labels), (self.per_source,), generator=self.generator, device=source.labels.device)
+            n, device = len(source.images), source.images.device
+            idx = torch.randint(n, (self.per_source,), generator=self.generator, device=device)
             batches.append((source.images[idx], source.labels[idx]))
         return self.generator, batches

@@ -2,9 +2,10 @@
 
 Each step every process draws the same number of images from every dataset, augments them on
 the device and sums nothing by hand: the loss is the mean over datasets of each dataset's own
-objective, so a small dataset counts as much as a large one. The learning rate follows warm-up
-and a cosine over progress = max(step / steps, seconds / budget), so a time-limited run still
-anneals; progress and checkpoints survive restarts (`accelerator.save_state`).
+objective, so a small dataset counts as much as a large one; with a self-supervised objective
+(ssl.py) the DINO loss on multi-crop views of the same images replaces it or is added to it.
+The learning rate follows warm-up and a cosine over progress = max(step / steps, seconds / budget),
+so a time-limited run still anneals; progress and checkpoints survive restarts (`accelerator.save_state`).
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from ..attention import training_kernels
 from ..config import AdaptConfig
 from ..datasets import LabelledDataset
 from ..train import TrainingError, make_accelerator
-from .augment import StrongAugment
+from .augment import MultiCrop
 from .config import PretrainConfig
 from .data import BalancedSampler, load_sources
 from .model import MultiTaskModel, build_extractor
+from .ssl import DinoHead, DinoTeacher
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class Progress:
     seconds: float = 0.0  # training seconds over all runs (the time budget's clock)
     images: int = 0  # images seen over all processes
     datasets: list[str] = field(default_factory=list)  # head names, so a resume cannot mix up heads
+    objective: str = "supervised"  # likewise for the model's and the checkpoint's parts
 
     @classmethod
     def read(cls, directory: Path) -> Progress:
@@ -71,6 +74,19 @@ def lr_factor(step: int, progress: float, config: PretrainConfig) -> float:
     return warm * (config.min_lr_frac + (1 - config.min_lr_frac) * cosine)
 
 
+def _ssl_head(config: PretrainConfig, feature_dim: int) -> DinoHead | None:
+    if not config.objective.ssl:
+        return None
+    return DinoHead(feature_dim, hidden_dim=config.ssl_hidden_dim, bottleneck_dim=config.ssl_bottleneck_dim,
+                    out_dim=config.ssl_out_dim)  # fmt: skip
+
+
+def _loss_weights(config: PretrainConfig, n_heads: int, device: torch.device) -> torch.Tensor:
+    """Weights of the loss parts [per-dataset losses..., DINO loss]: the mean over datasets (+ ssl_weight * DINO)."""
+    ssl = [] if not config.objective.ssl else [config.ssl_weight if n_heads else 1.0]
+    return torch.tensor([1 / max(n_heads, 1)] * n_heads + ssl, device=device)
+
+
 @dataclass
 class PretrainResult:
     model: MultiTaskModel  # unwrapped
@@ -91,32 +107,40 @@ def pretrain(
     datasets = load_sources(config)
     extractor = build_extractor(config)
     sampler = BalancedSampler(
-        datasets, batch_size=config.batch_size, device=accelerator.device, seed=config.seed, rank=accelerator.process_index
-    )
-    model = MultiTaskModel(extractor, {s.name: s.objective.n_logits for s in sampler.sources})
+        datasets, batch_size=config.batch_size, device=accelerator.device, seed=config.seed,
+        rank=accelerator.process_index, labelled=config.objective.supervised,
+    )  # fmt: skip
+    heads = {s.name: s.objective.n_logits for s in sampler.sources} if config.objective.supervised else {}
+    model = MultiTaskModel(extractor, heads, _ssl_head(config, extractor.feature_dim))
+    teacher = None if model.ssl_head is None else DinoTeacher(extractor, model.ssl_head, config).to(accelerator.device)
     if config.compile:
-        model.compile(dynamic=False)  # in place: parameter names, checkpoints and the export stay as without
+        for module in filter(None, (model, teacher)):
+            module.compile(dynamic=False)  # in place: parameter names, checkpoints and the export stay as without
     optimizer = torch.optim.AdamW(
         _param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.999), fused=accelerator.device.type == "cuda"
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    augment = StrongAugment(config.image_size, config.crop_scale, max_rotation=config.max_rotation,
-                            vflip=config.vflip, jitter=config.jitter, grayscale=config.grayscale)  # fmt: skip
+    student = accelerator.unwrap_model(model)
+    if teacher is not None:
+        accelerator.register_for_checkpointing(teacher)  # the teacher and its center resume with the run
+    views = MultiCrop.for_config(config)
 
     names = [s.name for s in sampler.sources]
-    progress = Progress(datasets=names)
+    progress = Progress(datasets=names, objective=config.objective.value)
     if resume and (output / CHECKPOINT).is_dir():
         progress = Progress.read(output / CHECKPOINT)
-        if progress.datasets != names:
+        if (progress.datasets, progress.objective) != (names, config.objective.value):
             raise ValueError(
-                f"{output / CHECKPOINT} was trained on {progress.datasets}, this config selects {names}: "
-                "use another --output or --no-resume"
+                f"{output / CHECKPOINT} was trained on {progress.datasets} ({progress.objective}), this config selects "
+                f"{names} ({config.objective.value}): use another --output or --no-resume"
             )
         accelerator.load_state(str(output / CHECKPOINT))
         logger.info("resumed from %s at step %d (%.0fs trained)", output / CHECKPOINT, progress.step, progress.seconds)
     budget = config.max_minutes * 60 if config.max_minutes else math.inf
     counts = [sampler.per_source] * len(sampler.sources)
     global_batch = sampler.batch_size * accelerator.num_processes
+    weights = _loss_weights(config, len(heads), accelerator.device)
+    log_names = [*heads, *(["ssl"] if teacher is not None else [])]
 
     model.train()
     bar = tqdm(total=config.steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="pretrain")
@@ -129,22 +153,28 @@ def pretrain(
         for group in optimizer.param_groups:
             group["lr"] = config.lr * lr_factor(step, fraction, config)
         generator, batches = sampler.draw(step)
-        images = torch.cat([augment(x, generator) for x, _ in batches])
+        images, local_crops = views([x for x, _ in batches], generator)
         with accelerator.autocast(), training_kernels():
-            logits = model(images, counts)
-        losses = torch.stack([s.objective.loss(z, y) for s, z, (_, y) in zip(sampler.sources, logits, batches)])
-        loss = losses.mean()
-        accelerator.backward(loss)
+            logits, projections = model(images, counts, local_crops)
+            targets = None if teacher is None else teacher(images)
+        losses = [s.objective.loss(z, y) for s, z, (_, y) in zip(sampler.sources, logits, batches)]
+        if teacher is not None:
+            losses.append(teacher.loss(projections, targets))
+        losses = torch.stack(losses)
+        accelerator.backward((losses * weights).sum())
         accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if teacher is not None:
+            teacher.update(student.extractor, student.ssl_head, fraction)
         progress.step, progress.images = step + 1, progress.images + global_batch
         bar.update(1)
 
         if progress.step % config.log_every == 0 or progress.step == config.steps:
             now = torch.tensor([seconds0 + time.monotonic() - start], dtype=torch.float64, device=accelerator.device)
             elapsed = progress.seconds = float(broadcast(now)[0])
-            window = _log(accelerator, output, progress, losses, names, optimizer, window, global_batch, bar)
+            window = _log(accelerator, output, progress, losses, weights, log_names, optimizer, window, global_batch,
+                          bar)  # fmt: skip
         if progress.step % config.checkpoint_every == 0:
             save_checkpoint(accelerator, output, progress)
     bar.close()
@@ -153,8 +183,8 @@ def pretrain(
     return PretrainResult(accelerator.unwrap_model(model), progress, datasets)
 
 
-def _log(accelerator, output, progress, losses, names, optimizer, window, global_batch, bar) -> tuple[float, int]:
-    """One JSON line (main process): mean and per-dataset loss over processes, lr, images/s since the last line."""
+def _log(accelerator, output, progress, losses, weights, names, optimizer, window, global_batch, bar) -> tuple[float, int]:
+    """One JSON line (main process): loss and its parts (datasets, ssl) over processes, lr, images/s since the last line."""
     losses = accelerator.reduce(losses.detach().float(), reduction="mean")
     if not bool(torch.isfinite(losses).all()):
         raise TrainingError(f"pretraining loss became non-finite at step {progress.step}: {losses.tolist()}")
@@ -162,7 +192,7 @@ def _log(accelerator, output, progress, losses, names, optimizer, window, global
     rate = (progress.step - window[1]) * global_batch / max(now - window[0], 1e-9)
     if accelerator.is_main_process:
         record = {
-            "step": progress.step, "loss": round(float(losses.mean()), 5), "lr": optimizer.param_groups[0]["lr"],
+            "step": progress.step, "loss": round(float((losses * weights).sum()), 5), "lr": optimizer.param_groups[0]["lr"],
             "images_per_s": round(rate, 1), "seconds": round(progress.seconds, 1),
             "losses": {n: round(v, 5) for n, v in zip(names, losses.tolist())},
         }  # fmt: skip

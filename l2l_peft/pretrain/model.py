@@ -1,4 +1,4 @@
-"""The pretraining model: the adaptation FeatureExtractor + one Head per dataset; export of the backbone.
+"""The pretraining model: the adaptation FeatureExtractor + one Head per dataset (+ DINO head); export of the backbone.
 
 Pretraining and adaptation share FeatureExtractor, so the backbone learns on exactly the
 features adapt() later reads (concat(CLS, patch mean) of [-1, 1] challenge inputs).
@@ -54,16 +54,28 @@ def build_extractor(config: PretrainConfig) -> FeatureExtractor:
 
 
 class MultiTaskModel(nn.Module):
-    """Shared backbone, one head per dataset; forward returns one logit tensor per dataset chunk."""
+    """Shared backbone, one head per dataset and, for self-distillation, the student's projection head.
 
-    def __init__(self, extractor: FeatureExtractor, n_logits: dict[str, int]) -> None:
+    One forward computes every output (DDP synchronises gradients of what one forward call used).
+    """
+
+    def __init__(self, extractor: FeatureExtractor, n_logits: dict[str, int], ssl_head: nn.Module | None = None):
         super().__init__()
         self.extractor = extractor
         self.heads = nn.ModuleDict({name: Head(extractor.feature_dim, n) for name, n in n_logits.items()})
+        self.ssl_head = ssl_head
 
-    def forward(self, images: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
-        features = self.extractor(images).split(counts)
-        return [head(f) for head, f in zip(self.heads.values(), features)]
+    def forward(
+        self, images: torch.Tensor, counts: list[int], local_crops: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """(logits per dataset chunk of the first sum(counts) images, ssl_head outputs of all views or None)."""
+        features = self.extractor(images)
+        logits = [head(f) for head, f in zip(self.heads.values(), features[: sum(counts)].split(counts))]
+        if self.ssl_head is None:
+            return logits, None
+        if local_crops is not None:
+            features = torch.cat([features, self.extractor.native_size_features(local_crops)])
+        return logits, self.ssl_head(features)
 
 
 def export_backbone(extractor: FeatureExtractor, directory: Path, *, save_dtype: str) -> None:
