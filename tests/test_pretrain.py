@@ -316,3 +316,12 @@ def test_center_is_averaged_over_processes(tmp_path):
     centers = [torch.load(tmp_path / f"center{r}.pt") for r in range(2)]
     assert torch.equal(centers[0], centers[1])
     assert torch.allclose(centers[0], torch.full((1, 3), 0.1 * 1.5))  # (1 - 0.9) * mean(1, 2)
+
+
+PRETRAIN_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs" / "pretrain").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=lambda p: p.stem)
+def test_pretrain_configs_are_valid(path):
+    """The configs the GPU runs will use pass validation (a typo would only surface on the device), commands in the header."""
+    assert load_config(path).sources and f"-m l2l_peft.pretrain configs/pretrain/{path.name}" in path.read_text()
