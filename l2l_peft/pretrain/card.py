@@ -14,7 +14,6 @@ from ..datasets import LabelledDataset
 from .config import PretrainConfig, PretrainObjective
 from .loop import LOG, Progress
 
-
 OBJECTIVES = {
     PretrainObjective.SUPERVISED: "multi-task supervised learning (one head per dataset, each with its target type's loss)",
     PretrainObjective.SSL: "DINO self-distillation (multi-crop, EMA teacher; labels unused)",
