@@ -13,7 +13,7 @@ from accelerate.utils import set_seed
 
 from .adapters import apply_method, trainable_parameters
 from .backbone import FeatureExtractor, cast_frozen, load_backbone
-from .config import AdaptConfig, Method, make_config
+from .config import AdaptConfig, HeadInit, Method, make_config
 from .head import Classifier, Head
 from .predict import fill_with_prior, predict
 from .targets import Objective, build_objective, output_size
@@ -81,7 +81,7 @@ def fit(data: TaskData, config: AdaptConfig, *, deadline: float | None = None) -
     if accelerator.mixed_precision == "bf16":
         cast_frozen(model, torch.bfloat16)
     n_trainable = trainable_parameters([model])
-    if config.head_init == "prototype":
+    if config.head_init is HeadInit.PROTOTYPE:
         init_head(model, objective, data.support_images, data.support_labels, accelerator=accelerator, batch_size=config.predict_batch_size)
     report = train(
         model, objective, data.support_images, data.support_labels,

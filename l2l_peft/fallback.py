@@ -34,14 +34,12 @@ Attempt = Callable[[TaskData, AdaptConfig], AdaptResult]
 def smaller(config: AdaptConfig, *, diverged: bool) -> AdaptConfig:
     """Half the batch and steps (OOM, slowness), the ensemble's first method only; fp32 as well when
     the loss became NaN/inf."""
-    half_steps = max(1, config.max_steps // 2)
     return dataclasses.replace(
         config,
         method=config.methods[0].value,
         batch_size=max(1, config.batch_size // 2),
         predict_batch_size=max(1, config.predict_batch_size // 2),
-        max_steps=half_steps,
-        min_steps=min(config.min_steps, half_steps),
+        max_steps=max(1, config.max_steps // 2),  # the upper bound: min_steps cannot raise it (train.plan)
         precision=Precision.FP32 if diverged else config.precision,
     )
 

@@ -78,10 +78,11 @@ def make_accelerator(config: AdaptConfig) -> Accelerator:
 
 
 def plan(n_support: int, config: AdaptConfig) -> tuple[int, int]:
-    """(batch size, steps): full batches only, steps from epochs clamped to [min_steps, max_steps]."""
+    """(batch size, steps): full batches only, steps from epochs, at least min_steps, at most max_steps
+    (the upper bound wins: `--max-steps 5` alone trains 5 steps, not the default min_steps)."""
     batch = min(config.batch_size, n_support)
     steps = math.ceil(config.epochs * n_support / batch)
-    return batch, max(config.min_steps, min(config.max_steps, steps))
+    return batch, min(config.max_steps, max(config.min_steps, steps))
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:

@@ -256,3 +256,5 @@ def test_bootstrap_interval_and_config_errors():
     assert bootstrap([math.nan], resamples=10).n == 0
     with pytest.raises(ValueError, match="unknown key"):
         parse_config({"suite": {"sources": [{"kind": "npz"}], "shot": [1]}, "methods": [{"name": "lora"}]})
+    with pytest.raises(ValueError, match="bootstrap must be >= 1"):
+        parse_config({"suite": {"sources": [{"kind": "npz"}]}, "methods": [{"name": "lora"}], "bootstrap": 0})

@@ -62,6 +62,16 @@ def test_sources_drop_test_split_and_excluded(config_path):
         load_config(config_path, learning_rate=1.0)
 
 
+@pytest.mark.parametrize(
+    "setting, value, error",
+    [("max_minutes", 0, "> 0 or null"), ("lr", 0.0, "> 0"), ("warmup_steps", -1, ">= 0"), ("vflip", 1.5, r"in \[0, 1\]")],
+)
+def test_out_of_range_settings_are_errors(config_path, setting, value, error):
+    """Rejected by name instead of silently meaning something else (max_minutes 0 used to mean no budget)."""
+    with pytest.raises(ValueError, match=rf"PretrainConfig\.{setting} must be {error}"):
+        load_config(config_path, **{setting: value})
+
+
 def test_augment_gives_challenge_form():
     images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
     augment = StrongAugment(size=32)

@@ -66,6 +66,8 @@ class ExperimentConfig:
         names = [m.name for m in self.methods]
         if len(set(names)) != len(names):
             raise ValueError(f"method names must be unique, got {names}")
+        if self.bootstrap < 1:  # else the summary fails only after every task has run
+            raise ValueError(f"bootstrap must be >= 1 resamples, got {self.bootstrap!r}")
 
 
 def _build(kind: type, values: dict[str, Any], where: str) -> Any:

@@ -20,7 +20,7 @@ from enum import Enum
 from typing import Any
 
 from ..api import AdaptResult, run
-from ..config import AdaptConfig, Method, make_config
+from ..config import AdaptConfig, HeadInit, Method, make_config
 from ..frozen import Frozen, ProbeConfig, probe_config, run_frozen
 from ..task import TaskData
 
@@ -34,7 +34,7 @@ class Kind(str, Enum):
 
 SEED_RECIPE: dict[str, Any] = dict(
     method=Method.FULL, lr_head=1e-3, lr_adapter=1e-3, weight_decay=0.0, epochs=100.0, batch_size=64,
-    max_steps=100_000, min_steps=1, warmup_frac=0.0, augment=False, head_init="zero",
+    max_steps=100_000, min_steps=1, warmup_frac=0.0, augment=False, head_init=HeadInit.ZERO,
 )  # fmt: skip  -- weight_decay 0 makes AdamW plain Adam; max_steps so high that epochs decide
 PRESETS: dict[Kind, dict[str, Any]] = {Kind.SEED_RECIPE: SEED_RECIPE}
 DATASET = "{dataset}"  # placeholder in string settings, replaced per task

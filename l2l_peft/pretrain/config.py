@@ -82,8 +82,17 @@ class PretrainConfig:
         for name in ("batch_size", "image_size", "patch_size", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PretrainConfig.{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.steps < 0:
-            raise ValueError(f"PretrainConfig.steps must be >= 0, got {self.steps!r}")
+        for name in ("steps", "warmup_steps", "weight_decay", "max_rotation"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"PretrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"PretrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.max_minutes is not None and not self.max_minutes > 0:  # 0 would silently mean "no budget"
+            raise ValueError(f"PretrainConfig.max_minutes must be > 0 or null, got {self.max_minutes!r}")
+        for name in ("min_lr_frac", "vflip", "jitter", "grayscale"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"PretrainConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"PretrainConfig.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale!r}")
         if self.save_dtype not in ("bf16", "fp32"):
