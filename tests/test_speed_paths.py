@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import make_task
@@ -11,6 +13,7 @@ from l2l_peft import run
 from l2l_peft.api import build_classifier
 from l2l_peft.backbone import cast_frozen, load_backbone
 from l2l_peft.config import AdaptConfig
+from l2l_peft.graphs import GRAPH_MAX_BATCH, use_graphs
 from l2l_peft.prefix import frozen_prefix
 from l2l_peft.targets import build_objective
 from l2l_peft.task import load_task
@@ -158,3 +161,19 @@ def test_training_keeps_attention_off_cudnn(vit_dir, sdpa_calls):
     training = [cudnn for grad, cudnn in sdpa_calls if grad]
     assert training and not any(training)
     assert all(cudnn for grad, cudnn in sdpa_calls if not grad)
+
+
+@pytest.mark.parametrize(
+    ("enabled", "device", "precision", "batch", "expected"),
+    [
+        (True, "cuda", "bf16", GRAPH_MAX_BATCH, True),
+        (True, "cuda", "no", 8, True),
+        (True, "cuda", "bf16", GRAPH_MAX_BATCH + 1, False),  # replays ran slower than eager at large batches
+        (True, "cuda", "fp16", 8, False),  # loss scaling
+        (True, "cpu", "no", 8, False),
+        (False, "cuda", "bf16", 8, False),
+    ],
+)
+def test_when_training_steps_are_graphed(enabled, device, precision, batch, expected):
+    accelerator = SimpleNamespace(device=torch.device(device), mixed_precision=precision)
+    assert use_graphs(enabled, accelerator, batch) is expected
