@@ -82,9 +82,8 @@ class GraphedStep(EagerStep):
 
 def use_graphs(enabled: bool, accelerator: Accelerator, batch: int) -> bool:
     """Capture when asked for, on CUDA, without fp16 loss scaling, at batches up to GRAPH_MAX_BATCH."""
-    return (
-        enabled and accelerator.device.type == "cuda" and accelerator.mixed_precision != "fp16" and batch <= GRAPH_MAX_BATCH
-    )
+    on_cuda = accelerator.device.type == "cuda"
+    return enabled and on_cuda and accelerator.mixed_precision != "fp16" and batch <= GRAPH_MAX_BATCH
 
 
 def step_runner(step: Step, optimizer: torch.optim.Optimizer, *, graphed: bool) -> EagerStep:
