@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from . import environment
-from .config import ENV_TIME_BUDGET, AdaptConfig
+from .config import AdaptConfig
 
 if TYPE_CHECKING:
     import torch
@@ -245,8 +245,10 @@ def _write(output: Output, probabilities: torch.Tensor, what: str) -> None:
 
 
 def _left_of_budget(config: AdaptConfig, elapsed: float) -> AdaptConfig:
-    """The time budget counts the whole process (CONTAINER_TIME_BUDGET unless set): what is left after `elapsed`."""
-    if config.time_budget is None and ENV_TIME_BUDGET not in os.environ:
+    """The time budget counts the whole process (CONTAINER_TIME_BUDGET unless set): what is left after `elapsed`.
+
+    `config` has been through with_env(): a budget in $L2L_PEFT_TIME_BUDGET is already its time_budget."""
+    if config.time_budget is None:
         config = dataclasses.replace(config, time_budget=CONTAINER_TIME_BUDGET)
     return dataclasses.replace(config, time_budget=max(1.0, config.time_budget - elapsed))
 

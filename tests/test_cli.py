@@ -162,3 +162,13 @@ def test_failed_allocation_while_reading_is_one_line_exit_2(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot read the task" in err
     assert not (tmp_path / "out.pkl").exists()
+
+
+def test_an_empty_budget_variable_means_the_container_default(tmp_path, vit_dir, monkeypatch):
+    """L2L_PEFT_TIME_BUDGET set but empty counts as unset (with_env), so the CLI's 600 s default applies."""
+    monkeypatch.setenv("L2L_PEFT_TIME_BUDGET", "")
+    task_path = write_task(make_task()[0], tmp_path / "in.pkl")
+    options = ["--model", str(vit_dir), "--cpu", "--method", "head", "--max-steps", "1", "--log-level", "WARNING"]
+    assert main([str(task_path), str(tmp_path / "out.pkl"), *options]) == 0
+    with open(tmp_path / "out.pkl", "rb") as f:
+        assert pickle.load(f).shape == (9, 3)
