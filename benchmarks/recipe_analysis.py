@@ -22,7 +22,9 @@ from torchcross.data.task import TaskTarget
 
 from l2l_peft.experiments.metrics import task_metrics
 from l2l_peft.experiments.results import bootstrap
-from l2l_peft.frozen import ProbeConfig, fit_linear_probe, prototype_head
+from l2l_peft.config import AdaptConfig
+from l2l_peft.frozen import fit_linear_probe, fit_prototypes
+from l2l_peft.head import Head
 from l2l_peft.targets import build_objective
 from l2l_peft.transductive import TransductiveConfig, refine
 
@@ -69,10 +71,14 @@ def frozen_rule(kind: str, source: str = "frozen") -> Candidate:
     def get(r: Record) -> torch.Tensor:
         objective = objective_of(r)
         support, query = feats(r, source)
+        head = Head(support.shape[1], objective.n_logits)
         if kind == "prototypes":
-            head = prototype_head(objective, support, r["support_labels"])
+            fit_prototypes(head, objective, support, r["support_labels"])
         else:
-            head = fit_linear_probe(objective, support, r["support_labels"], ProbeConfig())
+            defaults = AdaptConfig()
+            fit_linear_probe(
+                head, objective, support, r["support_labels"], l2=defaults.probe_l2, max_iter=defaults.probe_max_iter
+            )
         with torch.no_grad():
             return objective.probabilities(head(query))
 

@@ -26,8 +26,7 @@ from l2l_peft.backbone import load_backbone
 from l2l_peft.config import AdaptConfig
 from l2l_peft.experiments.config import SuiteConfig
 from l2l_peft.experiments.suites import Suite
-from l2l_peft.frozen import features
-from l2l_peft.predict import predict
+from l2l_peft.predict import features, predict
 from l2l_peft.train import make_accelerator
 
 # Datasets the shipped l2l-vit-tiny-med never saw (its model card lists the six it was trained on).

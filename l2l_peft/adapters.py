@@ -115,8 +115,8 @@ def apply_method(backbone_model: nn.Module, config: AdaptConfig) -> nn.Module:
                     param.requires_grad_(True)
         case Method.FULL:
             backbone_model.requires_grad_(True)
-        case Method.HEAD:
-            pass
+        case Method.HEAD | Method.PROTOTYPES | Method.LINEAR_PROBE:
+            pass  # only the head is fitted
         case other:
             raise ValueError(f"method {other.value} is built by the VPT module, not here")
     return backbone_model

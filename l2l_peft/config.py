@@ -35,6 +35,8 @@ class Method(str, Enum):
     VPT_DEEP = "vpt-deep"
     HEAD = "head"  # frozen backbone, head only
     FULL = "full"  # every backbone weight trained
+    PROTOTYPES = "prototypes"  # frozen backbone, head set to the support's class means, no training
+    LINEAR_PROBE = "linear-probe"  # frozen backbone, head fitted by L2-regularised LBFGS on the support features
 
 
 class LoraTargets(str, Enum):
@@ -84,7 +86,8 @@ class AdaptConfig:
     cpu: bool = _help("run on the CPU even when a GPU is present", default=False)
     precision: Precision = _help("mixed precision: auto, bf16, fp16 or no", default=Precision.AUTO)
     method: str = _help(
-        "adaptation method (lora, dora, loha, lokr, ia3, vera, bitfit, vpt-shallow, vpt-deep, head, full); "
+        "adaptation method (lora, dora, loha, lokr, ia3, vera, bitfit, vpt-shallow, vpt-deep, head, full; "
+        "prototypes and linear-probe fit only the head on frozen features); "
         "several joined by '+' are trained one after the other and their query probabilities averaged, a "
         "later one only when the time budget leaves room for it (docs/recipe.md: lora+full beat either alone "
         "on datasets the backbone never saw)",
@@ -128,6 +131,8 @@ class AdaptConfig:
         "head initialisation: prototype (class means of the support features) or zero", default=HeadInit.PROTOTYPE
     )
     predict_batch_size: int = _help("query images per inference batch", default=256)
+    probe_l2: float = _help("linear-probe: weight of the squared L2 norm of the probe weights", default=1e-3)
+    probe_max_iter: int = _help("linear-probe: LBFGS iterations (full batch; convex, converges fast)", default=200)
 
     def __post_init__(self) -> None:
         self.precision = _enum(Precision, self.precision, "precision")
@@ -181,7 +186,7 @@ class AdaptConfig:
 # lower bounds of numeric fields; anything below is an error, never clamped into range
 _AT_LEAST = {
     "max_steps": 1, "min_steps": 0, "lora_rank": 1, "batch_size": 1, "predict_batch_size": 1, "vpt_tokens": 1,
-    "prefix_views": 0, "lr_head": 0, "lr_adapter": 0, "weight_decay": 0, "epochs": 0,
+    "prefix_views": 0, "lr_head": 0, "lr_adapter": 0, "weight_decay": 0, "epochs": 0, "probe_l2": 0, "probe_max_iter": 1,
 }  # fmt: skip
 
 

@@ -81,6 +81,7 @@ def test_nan_loss_retries_in_fp32_then_prototypes(data, config, monkeypatch, cap
         result, how = fallback.run_with_fallbacks(data, config)
     assert how == "prototypes on frozen features"
     assert calls[1].precision is Precision.FP32
+    assert calls[2].method == "prototypes"  # the last predictor is a method of api.run too
     assert caplog.text.count("TrainingError") == 2
     assert torch.allclose(result.probabilities.sum(1), torch.ones(5))
 
@@ -89,7 +90,6 @@ def test_missing_backbone_goes_straight_to_prior(data, monkeypatch):
     calls = []
     real_run = fallback.run
     monkeypatch.setattr(fallback, "run", lambda d, c: calls.append("run") or real_run(d, c))
-    monkeypatch.setattr(fallback, "prototype_result", lambda d, c: calls.append("prototypes"))
     result, how = fallback.run_with_fallbacks(data, AdaptConfig(model="/nonexistent/model", time_budget=60))
     assert how == "class prior of the support labels"
     assert calls == ["run"]  # neither a retry nor prototypes without a backbone
@@ -104,13 +104,12 @@ def test_exhausted_budget_skips_retry(data, config, monkeypatch, caplog):
         _, how = fallback.run_with_fallbacks(data, config)
     assert how == "prototypes on frozen features"
     assert len(calls) == 1
-    assert "skipping the smaller retry" in caplog.text
+    assert "skipping adapted (smaller retry)" in caplog.text
 
 
 def test_non_finite_predictions_count_as_failure(data, config, monkeypatch):
     bad = fallback.AdaptResult(torch.full((5, 3), float("nan")), config)
     monkeypatch.setattr(fallback, "run", lambda d, c: bad)
-    monkeypatch.setattr(fallback, "prototype_result", lambda d, c: bad)
     result, how = fallback.run_with_fallbacks(data, config)
     assert how == "class prior of the support labels"
     assert torch.isfinite(result.probabilities).all()

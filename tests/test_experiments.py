@@ -242,7 +242,7 @@ def test_methods_grid_and_seed_recipe():
     assert [v.name for v in expand(grid)] == ["lora[lora_dropout=0.0,lr_adapter=0.001]", "lora[lora_dropout=0.0,lr_adapter=0.003]"]
     base = AdaptConfig(max_steps=5)
     (seed,) = build_variants([MethodSpec("seed", kind="seed_recipe")], base)
-    config, _ = seed.config(base, seed=7)
+    config = seed.config(base, seed=7)
     assert (config.method, config.lr_head, config.lr_adapter, config.weight_decay) == (Method.FULL, 1e-3, 1e-3, 0.0)
     assert (config.epochs, config.batch_size, config.augment, config.head_init, config.seed) == (100.0, 64, False, "zero", 7)
     assert seed.kind is Kind.SEED_RECIPE

@@ -120,7 +120,7 @@ def _versions() -> dict[str, str | None]:
 def resolved_config(config: ExperimentConfig, variants: list[Variant], base: AdaptConfig, accelerator: Accelerator, n_tasks: int) -> dict[str, Any]:
     return {
         "config": dataclasses.asdict(config),
-        "variants": {v.name: v.config(base, seed=0)[0].to_dict() for v in variants},  # seed: + each task's seed
+        "variants": {v.name: v.config(base, seed=0).to_dict() for v in variants},  # seed: + each task's seed
         "tasks": n_tasks,
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
