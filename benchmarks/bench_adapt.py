@@ -118,7 +118,7 @@ def run_cli(name: str, arch: str, model_dir: Path, support: int, query: int, siz
         out.unlink(missing_ok=True)
         start = time.perf_counter()
         proc = subprocess.run([python, "-m", "l2l_peft", str(task), str(out), "--model", str(model_dir), "--strict", *extra],
-                              capture_output=True, text=True, env=env)  # fmt: skip
+                              capture_output=True, text=True, env=env, check=False)  # fmt: skip
         walls.append(time.perf_counter() - start)
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(f"CLI failed ({proc.returncode}): {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
@@ -286,7 +286,7 @@ def main() -> None:
     peak = matmul_peak(256 if args.smoke else 8192)
     print(f"{device}: matmul peak {peak:.0f} TFLOP/s", flush=True)
     adapt_rows, ref_rows, cli_rows = plan(args.smoke)
-    pick = lambda rows: [r for r in rows if any(k in r[0] for k in args.only.split(","))]  # noqa: E731
+    pick = lambda rows: [r for r in rows if any(k in r[0] for k in args.only.split(","))]
     dirs = {arch: save_model(arch, args.models, size) for arch in dict.fromkeys(r[1] for r in adapt_rows + ref_rows + cli_rows)}
     for arch, directory in dirs.items():  # warm-up: CUDA context, cuBLAS handles, the cached pristine backbone
         api.run(load_task(make_task(10, 10, size)), model=str(directory), max_steps=2, min_steps=2)
@@ -295,24 +295,31 @@ def main() -> None:
     command = "python benchmarks/bench_adapt.py " + " ".join(sys.argv[1:])
     meta = {"device": device, "matmul_peak_tflops": peak, "command": command, "torch": torch.__version__}
 
-    def record(name: str, measure) -> None:  # one failing row must not lose the others
+    def record(name: str, measure) -> None:
         try:
             rows.append(measure())
             print(rows[-1], flush=True)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:  # noqa: BLE001 - one failing row must not lose the others
             print(f"ROW FAILED {name}: {type(err).__name__}: {err}", flush=True)
         # rewritten after every row, so a run stopped by a time limit keeps what it measured
         (args.out / "bench_adapt.json").write_text(json.dumps({**meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
         (args.out / "bench_adapt.md").write_text(markdown(rows, peak, device, command))
 
     for name, arch, support, query, ref in pick(ref_rows):
-        record(name, lambda: run_reference(name, arch, dirs[arch], support, query, size, peak, ref))
+        record(name, functools.partial(run_reference, name, arch, dirs[arch], support, query, size, peak, ref))
     for name, arch, support, query, options in pick(adapt_rows):
         options = dict(options)
         storage = options.pop("storage", "stream")
-        record(name, lambda: run_adapt(name, arch, dirs[arch], support, query, size, peak, args.repeats, options, storage=storage))
+        measure = functools.partial(
+            run_adapt, name, arch, dirs[arch], support, query, size, peak, args.repeats, options, storage=storage
+        )
+        record(name, measure)
     for name, arch, support, query, extra in pick(cli_rows):
-        record(name, lambda: run_cli(name, arch, dirs[arch], support, query, size, args.models, extra, runs=2 if args.smoke else args.cli_runs, python=args.cli_python))
+        runs = 2 if args.smoke else args.cli_runs
+        measure = functools.partial(
+            run_cli, name, arch, dirs[arch], support, query, size, args.models, extra, runs=runs, python=args.cli_python
+        )
+        record(name, measure)
 
     print(markdown(rows, peak, device, command))
 

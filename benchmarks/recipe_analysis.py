@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torchcross.data.task import TaskTarget
 
+from l2l_peft.config import AdaptConfig
 from l2l_peft.experiments.metrics import task_metrics
 from l2l_peft.experiments.results import bootstrap
-from l2l_peft.config import AdaptConfig
 from l2l_peft.frozen import fit_linear_probe, fit_prototypes
 from l2l_peft.head import Head
 from l2l_peft.targets import build_objective
@@ -138,7 +138,7 @@ def candidates() -> dict[str, Candidate]:
 def table(scores: dict[str, dict[str, float]], records: list[Record], reference: str, group: Callable[[Record], object]) -> str:
     keys = {r["key"]: r for r in records}
     groups = sorted({group(r) for r in records}, key=str)
-    lines = [f"| candidate | " + " | ".join(f"{g}" for g in groups) + " |", "|---|" + "---|" * len(groups)]
+    lines = ["| candidate | " + " | ".join(f"{g}" for g in groups) + " |", "|---|" + "---|" * len(groups)]
     for name, per_task in scores.items():
         cells = []
         for g in groups:

@@ -38,9 +38,9 @@ def _role(name: str) -> str | None:
     leaf = name.rsplit(".", 1)[-1]
     if leaf in _LEAF_ROLES:
         return _LEAF_ROLES[leaf]
-    if name.endswith("attention.output.dense") or name.endswith("attn.proj"):
+    if name.endswith(("attention.output.dense", "attn.proj")):
         return "o"
-    if name.endswith("intermediate.dense") or name.endswith("output.dense"):
+    if name.endswith(("intermediate.dense", "output.dense")):
         return "mlp"
     return None
 

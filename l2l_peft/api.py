@@ -110,7 +110,7 @@ def run(task: Any, config: AdaptConfig | None = None, **overrides: Any) -> Adapt
     if len(data.query_images) == 0:
         return result
 
-    total, used, predict_s, loaded = None, [], 0.0, start
+    total, used, predict_s, loaded, last = None, [], 0.0, start, 0.0
     for member in config.members():
         begun = time.monotonic()
         if used and deadline is not None and deadline - begun < ENSEMBLE_HEADROOM * last:

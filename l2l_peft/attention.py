@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import AbstractContextManager
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
@@ -48,7 +48,7 @@ def _flash_takes(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | No
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _has_flash(device_index: int | None) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 0)  # flash kernels need Ampere or newer
 

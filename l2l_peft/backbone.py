@@ -116,7 +116,7 @@ def load_hf_model(source: ModelSource) -> tuple[nn.Module, dict[str, Any]]:
         config = AutoConfig.from_pretrained(source.location, **kwargs)
         extra = {"add_pooling_layer": False} if config.model_type in _NO_POOLER else {}
         model = _model_class(config.model_type).from_pretrained(source.location, **kwargs, **extra)
-    except Exception as err:  # noqa: BLE001 - a damaged directory fails with many types (safetensors' own among them)
+    except Exception as err:  # a damaged directory fails with many types (safetensors' own among them)
         hint = (
             f"`{source.location}` is not a model directory, or a damaged one (config.json and weights must load)"
             if Path(source.location).is_dir()

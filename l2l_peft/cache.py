@@ -47,8 +47,12 @@ def fetch_hub(model_id: str, cache: Path, revision: str | None = None) -> tuple[
     """Download only the files loading needs; returns (directory, resolved commit)."""
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import (
-        GatedRepoError, HFValidationError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError,
-    )  # fmt: skip
+        GatedRepoError,
+        HFValidationError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         info = HfApi().model_info(model_id, revision=revision)
@@ -123,7 +127,7 @@ def probe_offline(directory: Path) -> Probe:
     """probe() in a fresh interpreter with the hub switched off: proves the copy is self-contained."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     code = "import dataclasses, json, sys; from l2l_peft.cache import probe; print(json.dumps(dataclasses.asdict(probe(sys.argv[1]))))"
-    done = subprocess.run([sys.executable, "-c", code, str(directory)], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code, str(directory)], env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise PrefetchError(f"offline load of {directory} failed: {last}")

@@ -31,6 +31,7 @@ from .config import AdaptConfig
 
 if TYPE_CHECKING:
     import torch
+    from typing_extensions import Self  # typing.Self needs Python 3.11
 
     from .api import AdaptResult
     from .task import TaskData
@@ -117,7 +118,7 @@ class Output:
         self.path, self.holds = path, "nothing"
         self._writing, self._pending, self._previous = False, 0, {}
 
-    def __enter__(self) -> Output:
+    def __enter__(self) -> Self:
         self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         return self
 

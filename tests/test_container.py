@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import CLASSES, make_task, save_tiny_model, write_task
+
 from l2l_peft import api, fallback
 from l2l_peft.config import AdaptConfig, Precision
 from l2l_peft.targets import output_size
@@ -213,7 +213,7 @@ def _run(sandbox: dict[str, Path], name: str, *extra: str, env: dict[str, str] |
     args = [str(sandbox["in"] / "task.pkl"), str(out / "result.pkl"), "--max-steps", "3", "--min-steps", "1", *extra]
     before = _tree(sandbox["root"] / "app"), _tree(sandbox["in"])
     done = subprocess.run(
-        [sys.executable, "-c", _AUDITED, *args], env=environ, cwd="/", capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", _AUDITED, *args], env=environ, cwd="/", capture_output=True, text=True, timeout=120, check=False
     )
     assert (_tree(sandbox["root"] / "app"), _tree(sandbox["in"])) == before
     audit = [json.loads(line[6:]) for line in done.stdout.splitlines() if line.startswith("AUDIT ")]
@@ -258,7 +258,7 @@ def test_cli_in_sandbox_rejects_unreadable_input(sandbox, tmp_path):
     bad = tmp_path / "in"
     bad.mkdir()
     (bad / "task.pkl").write_bytes(b"not a pickle")
-    done, audit, out = _run({**sandbox, "in": bad}, "bad")
+    done, _, out = _run({**sandbox, "in": bad}, "bad")
     assert done.returncode == 2
     assert "error:" in done.stderr
     assert list(out.iterdir()) == []

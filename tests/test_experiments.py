@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import level_images, make_task, save_npz_dataset, write_task
 from torchcross.data.task import TaskTarget
 
-from conftest import level_images, make_task, save_npz_dataset, write_task
+from l2l_peft.config import AdaptConfig, Method
 from l2l_peft.experiments.config import SuiteConfig, parse_config
 from l2l_peft.experiments.methods import Kind, MethodSpec, build_variants, expand
 from l2l_peft.experiments.metrics import task_metrics
@@ -27,7 +28,6 @@ from l2l_peft.experiments.runner import run_experiment
 from l2l_peft.experiments.sampling import sample_task
 from l2l_peft.experiments.sources import medimeta_source
 from l2l_peft.experiments.suites import Suite
-from l2l_peft.config import AdaptConfig, Method
 
 REPO = Path(__file__).resolve().parent.parent
 PLOTS = ["auroc_vs_shots.png", "auroc_per_dataset.png", "time_per_task.png", "auroc_vs_cost.png"]
@@ -167,7 +167,7 @@ def test_two_processes_match_one(one_process_run, npz_dir, vit_dir, tmp_path):
         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "l2l_peft.experiments", str(config), "--output", str(out),
     ]  # fmt: skip
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ran 8 tasks in " in proc.stderr and " on 2 process(es): " in proc.stderr  # the throughput line benchmarks read
     one, two = _by_key(read_rows(one_process_run / RESULTS)), _by_key(read_rows(out / RESULTS))

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_task
 from torchcross.data.task import TaskTarget
 
-from conftest import make_task
 from l2l_peft import run
 from l2l_peft.config import AdaptConfig, Method
 from l2l_peft.experiments.methods import Kind, Variant

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import level_images, make_task, save_npz_dataset
 from safetensors import safe_open
 
-from conftest import level_images, make_task, save_npz_dataset
 from l2l_peft import adapt
 from l2l_peft.pretrain.__main__ import main
 from l2l_peft.pretrain.augment import StrongAugment
@@ -50,7 +50,7 @@ def config_path(data_dir, tmp_path_factory) -> Path:
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
     with safe_open(directory / "model.safetensors", "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict: it has keys(), no __iter__
 
 
 def test_sources_drop_test_split_and_excluded(config_path):
@@ -126,7 +126,7 @@ def test_two_process_launch(config_path, tmp_path):
         "--output", str(out), "--steps", "2", "--cpu", "--log-level", "WARNING",
     ]  # fmt: skip
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 2 and "2 x CPU" in (out / "README.md").read_text()
@@ -154,7 +154,7 @@ def test_leave_one_out_script_pretrains_without_each_dataset(data_dir, tmp_path)
     shutil.copytree(repo / "configs", tmp_path / "configs")
     env = {**os.environ, "PYTHONPATH": str(repo), "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(["bash", str(repo / "scripts" / "pretrain_loo.sh"), "0", str(data_dir)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in ("gray_mc", "rgb_ml"):
         card = (tmp_path / "runs" / "loo" / name / "README.md").read_text()

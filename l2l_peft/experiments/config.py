@@ -88,5 +88,5 @@ def parse_config(raw: dict[str, Any]) -> ExperimentConfig:
 def load_config(path: str | Path) -> ExperimentConfig:
     raw = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
+        raise ValueError(f"{path}: expected a mapping at the top level")  # noqa: TRY004 - a bad file, like every config error
     return parse_config(raw)

@@ -8,10 +8,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on cluster nodes
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from .results import Aggregate, aggregate  # noqa: E402
+from .results import Aggregate, aggregate
 
 
 def _errors(aggs: list[Aggregate]) -> np.ndarray:
