@@ -80,7 +80,11 @@ def run_adapt(name: str, arch: str, model_dir: Path, support: int, query: int, s
     data = load_task(make_task(support, query, size))
     flops_data = load_task(make_task(support, 1, size))
     # bf16 storage of frozen tensors: "stream" (the default), "matmuls" (float32 residual stream) or "none"
-    cast = {"stream": api.cast_frozen, "matmuls": functools.partial(api.cast_frozen, stream=False), "none": lambda *a: 0}[storage]
+    cast = {
+        "stream": api.cast_frozen,
+        "matmuls": functools.partial(api.cast_frozen, stream=False),
+        "none": lambda *a: 0,
+    }[storage]
     patch = mock.patch.object(api, "cast_frozen", cast)
     best = None
     with patch:
@@ -144,7 +148,9 @@ class Reference:
     sync_every_step: bool = False  # loss.item() each step (logging)
 
 
-def run_reference(name: str, arch: str, model_dir: Path, support: int, query: int, size: int, peak: float, ref: Reference) -> Row:
+def run_reference(
+    name: str, arch: str, model_dir: Path, support: int, query: int, size: int, peak: float, ref: Reference
+) -> Row:
     import peft
     from accelerate import Accelerator
     from transformers import ViTModel
@@ -214,8 +220,15 @@ def plan(smoke: bool) -> tuple[list[tuple], list[tuple], list[tuple]]:
     """(adapt rows, reference rows, CLI rows) as (name, arch, support, query, options)."""
     if smoke:
         small = dict(max_steps=3, min_steps=3)
-        adapt = [("smoke default", "tiny", 10, 20, small), ("smoke prefix", "tiny", 10, 20, {**small, "lora_last_blocks": 1})]
-        return adapt, [("smoke reference", "tiny", 10, 20, Reference(steps=3))], [("smoke cli", "tiny", 10, 20, ["--max-steps", "3"])]
+        adapt = [
+            ("smoke default", "tiny", 10, 20, small),
+            ("smoke prefix", "tiny", 10, 20, {**small, "lora_last_blocks": 1}),
+        ]
+        return (
+            adapt,
+            [("smoke reference", "tiny", 10, 20, Reference(steps=3))],
+            [("smoke cli", "tiny", 10, 20, ["--max-steps", "3"])],
+        )
     adapt = [(f"default {a} s{s}", a, s, 500, {}) for a in ("vit-s16", "vit-b16", "vit-l16") for s in (10, 50, 200)]
     adapt += [
         ("default vit-b16 s500", "vit-b16", 500, 500, {}),
@@ -276,8 +289,12 @@ def main() -> None:
     parser.add_argument("--models", type=Path, default=Path("/tmp/bench_models"))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="tiny models and steps (checks the script, not speed)")
-    parser.add_argument("--cli-runs", type=int, default=3, help="processes per CLI row (the first fills the bytecode cache)")
-    parser.add_argument("--cli-python", default=sys.executable, help="interpreter of the CLI rows (e.g. a slim_env.py venv)")
+    parser.add_argument(
+        "--cli-runs", type=int, default=3, help="processes per CLI row (the first fills the bytecode cache)"
+    )
+    parser.add_argument(
+        "--cli-python", default=sys.executable, help="interpreter of the CLI rows (e.g. a slim_env.py venv)"
+    )
     parser.add_argument("--only", default="", help="comma-separated: run only rows whose name contains one of these")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -287,7 +304,10 @@ def main() -> None:
     print(f"{device}: matmul peak {peak:.0f} TFLOP/s", flush=True)
     adapt_rows, ref_rows, cli_rows = plan(args.smoke)
     pick = lambda rows: [r for r in rows if any(k in r[0] for k in args.only.split(","))]
-    dirs = {arch: save_model(arch, args.models, size) for arch in dict.fromkeys(r[1] for r in adapt_rows + ref_rows + cli_rows)}
+    dirs = {
+        arch: save_model(arch, args.models, size)
+        for arch in dict.fromkeys(r[1] for r in adapt_rows + ref_rows + cli_rows)
+    }
     for arch, directory in dirs.items():  # warm-up: CUDA context, cuBLAS handles, the cached pristine backbone
         api.run(load_task(make_task(10, 10, size)), model=str(directory), max_steps=2, min_steps=2)
 
@@ -302,7 +322,9 @@ def main() -> None:
         except Exception as err:  # noqa: BLE001 - one failing row must not lose the others
             print(f"ROW FAILED {name}: {type(err).__name__}: {err}", flush=True)
         # rewritten after every row, so a run stopped by a time limit keeps what it measured
-        (args.out / "bench_adapt.json").write_text(json.dumps({**meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+        (args.out / "bench_adapt.json").write_text(
+            json.dumps({**meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1)
+        )
         (args.out / "bench_adapt.md").write_text(markdown(rows, peak, device, command))
 
     for name, arch, support, query, ref in pick(ref_rows):

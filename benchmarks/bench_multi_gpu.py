@@ -84,7 +84,9 @@ def experiments(out: Path, data: Path, tasks: int, repeat: bool, smoke: bool) ->
     return runs
 
 
-def pretraining(out: Path, data: Path, steps: int, layouts: list[tuple[int, int]], seed: int, compile_: bool, smoke: bool) -> dict:
+def pretraining(
+    out: Path, data: Path, steps: int, layouts: list[tuple[int, int]], seed: int, compile_: bool, smoke: bool
+) -> dict:
     """Each (processes, images per process and step) layout; the first is the baseline of speed-up and loss."""
     base = yaml.safe_load((REPO / "configs" / "pretrain" / "vit_tiny_med.yaml").read_text())
     runs = {}
@@ -99,9 +101,14 @@ def pretraining(out: Path, data: Path, steps: int, layouts: list[tuple[int, int]
         args = [str(path), "--output", str(out / f"pretrain_{slug}"), "--no-resume", *(["--cpu"] if smoke else [])]
         wall = launch(processes, "l2l_peft.pretrain", args, out / f"pretrain_{slug}.log", smoke)
         log = [json.loads(line) for line in (out / f"pretrain_{slug}" / "log.jsonl").read_text().splitlines()]
-        runs[name] = {"processes": processes, "global_batch": processes * per_process, "wall_s": round(wall, 1),
-                      "loss": [r["loss"] for r in log], "steps": [r["step"] for r in log],
-                      "images_per_s": statistics.median(r["images_per_s"] for r in log[1:])}  # fmt: skip (the first window holds warm-up)
+        runs[name] = {
+            "processes": processes,
+            "global_batch": processes * per_process,
+            "wall_s": round(wall, 1),
+            "loss": [r["loss"] for r in log],
+            "steps": [r["step"] for r in log],
+            "images_per_s": statistics.median(r["images_per_s"] for r in log[1:]),
+        }  # fmt: skip (the first window holds warm-up)
     first = next(iter(runs.values()))
     for run in runs.values():
         run["speedup"] = run["images_per_s"] / first["images_per_s"]
@@ -124,7 +131,9 @@ def markdown(result: dict) -> str:
     for name, r in result.get("pretraining", {}).items():
         losses = ", ".join(f"{x:.3f}" for x in r["loss"])
         diff = f"{r['max_relative_loss_diff']:.1%}" if "max_relative_loss_diff" in r else "(other batch)"
-        lines.append(f"| {name} | {r['global_batch']} | {r['images_per_s']:,.0f} | {r['speedup']:.2f}x | {diff} | {losses} | {r['wall_s']} |")
+        lines.append(
+            f"| {name} | {r['global_batch']} | {r['images_per_s']:,.0f} | {r['speedup']:.2f}x | {diff} | {losses} | {r['wall_s']} |"
+        )
     return "\n".join(lines)
 
 
@@ -137,7 +146,9 @@ def main() -> None:
     parser.add_argument("--layouts", default="1x512,2x256,1x256,2x512",
                         help="pretraining runs as PROCESSESxBATCH_PER_PROCESS; the first is the baseline")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="pretrain with PretrainConfig.compile")
-    parser.add_argument("--seed", type=int, default=0, help="pretraining seed (another seed shows the run-to-run spread of the loss)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="pretraining seed (another seed shows the run-to-run spread of the loss)"
+    )
     parser.add_argument("--repeat", action="store_true", help="repeat the 1-GPU experiments run")
     parser.add_argument("--only", default="experiments,pretraining")
     parser.add_argument("--smoke", action="store_true", help="CPU check of the script (1 task per cell, 4 steps)")
@@ -150,10 +161,14 @@ def main() -> None:
     device = "CPU (smoke)" if args.smoke else torch.cuda.get_device_name()
     result = {"device": device, "torch": torch.__version__, "command": " ".join(sys.argv)}
     if "experiments" in args.only:
-        result["experiments"] = experiments(args.out, args.data.resolve(), 1 if args.smoke else args.tasks, args.repeat, args.smoke)
+        result["experiments"] = experiments(
+            args.out, args.data.resolve(), 1 if args.smoke else args.tasks, args.repeat, args.smoke
+        )
     if "pretraining" in args.only:
         steps = 4 if args.smoke else args.steps
-        result["pretraining"] = pretraining(args.out, args.data.resolve(), steps, layouts, args.seed, args.compile, args.smoke)
+        result["pretraining"] = pretraining(
+            args.out, args.data.resolve(), steps, layouts, args.seed, args.compile, args.smoke
+        )
     (args.out / "multi_gpu.json").write_text(json.dumps(result, indent=2))
     print(markdown(result))
 

@@ -63,7 +63,9 @@ def feats(r: Record, source: str) -> tuple[torch.Tensor, torch.Tensor]:
         return r["frozen"]["support"].float(), r["frozen"]["query"].float()
     if source == "frozen_tta":
         f = r["frozen"]
-        return (f["support"].float() + f["support_flip"].float()) / 2, (f["query"].float() + f["query_flip"].float()) / 2
+        return (f["support"].float() + f["support_flip"].float()) / 2, (
+            f["query"].float() + f["query_flip"].float()
+        ) / 2
     return r["runs"][source]["support"].float(), r["runs"][source]["query"].float()
 
 
@@ -112,7 +114,9 @@ def candidates() -> dict[str, Candidate]:
     out["probe(lora feats)"] = frozen_rule("probe", "lora")
     out["lora+full"] = mean_of(stored("lora"), stored("full"))
     out["lora+full+flip"] = mean_of(stored("lora", tta=True), stored("full", tta=True))
-    out["lora+lora_all+full+flip"] = mean_of(stored("lora", tta=True), stored("lora_all", tta=True), stored("full", tta=True))
+    out["lora+lora_all+full+flip"] = mean_of(
+        stored("lora", tta=True), stored("lora_all", tta=True), stored("full", tta=True)
+    )
     out["lora+probe"] = mean_of(stored("lora"), frozen_rule("probe"))
     for name in ("lora_lr3e-3", "lora_long", "full_lr1e-4"):
         out[name] = stored(name)
@@ -128,14 +132,18 @@ def candidates() -> dict[str, Candidate]:
         out[f"trans lora feats from lora w{w}"] = transductive("lora", stored("lora"), cfg)
     cfg = TransductiveConfig()
     out["trans lora feats from lora+flip"] = transductive("lora", stored("lora", tta=True), cfg)
-    out["mean(lora+flip, trans)"] = mean_of(stored("lora", tta=True), transductive("lora", stored("lora", tta=True), cfg))
+    out["mean(lora+flip, trans)"] = mean_of(
+        stored("lora", tta=True), transductive("lora", stored("lora", tta=True), cfg)
+    )
     out["trans frozen from lora+full+flip"] = transductive(
         "frozen_tta", mean_of(stored("lora", tta=True), stored("full", tta=True)), cfg
     )
     return out
 
 
-def table(scores: dict[str, dict[str, float]], records: list[Record], reference: str, group: Callable[[Record], object]) -> str:
+def table(
+    scores: dict[str, dict[str, float]], records: list[Record], reference: str, group: Callable[[Record], object]
+) -> str:
     keys = {r["key"]: r for r in records}
     groups = sorted({group(r) for r in records}, key=str)
     lines = ["| candidate | " + " | ".join(f"{g}" for g in groups) + " |", "|---|" + "---|" * len(groups)]

@@ -30,7 +30,14 @@ from l2l_peft.predict import features, predict
 from l2l_peft.train import make_accelerator
 
 # Datasets the shipped l2l-vit-tiny-med never saw (its model card lists the six it was trained on).
-UNSEEN = ["isic_skin_8class", "pbc_blood_cells", "lung_ultrasound_pocus", "covid_ct_ucsd", "kidney_ct_4class", "alzheimer_mri_4class"]
+UNSEEN = [
+    "isic_skin_8class",
+    "pbc_blood_cells",
+    "lung_ultrasound_pocus",
+    "covid_ct_ucsd",
+    "kidney_ct_4class",
+    "alzheimer_mri_4class",
+]
 RECIPES: dict[str, dict] = {
     "lora": {},
     "full": {"method": "full"},
@@ -94,7 +101,9 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="backbone (default: the cache's default)")
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--max-minutes", type=float, default=8.0)
-    parser.add_argument("--chunk", type=int, default=25, help="tasks per output file (a GPU call returns files of <= 16 MiB)")
+    parser.add_argument(
+        "--chunk", type=int, default=25, help="tasks per output file (a GPU call returns files of <= 16 MiB)"
+    )
     args = parser.parse_args()
 
     suite = Suite(SuiteConfig(

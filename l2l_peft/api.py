@@ -83,7 +83,14 @@ def fit(data: TaskData, config: AdaptConfig, *, deadline: float | None = None) -
     if accelerator.mixed_precision == "bf16":
         cast_frozen(model, torch.bfloat16)
     if config.head_init is HeadInit.PROTOTYPE:
-        init_head(model, objective, data.support_images, data.support_labels, accelerator=accelerator, batch_size=config.predict_batch_size)
+        init_head(
+            model,
+            objective,
+            data.support_images,
+            data.support_labels,
+            accelerator=accelerator,
+            batch_size=config.predict_batch_size,
+        )
     report = train(
         model, objective, data.support_images, data.support_labels,
         config=config, accelerator=accelerator, deadline=deadline, predict_images=len(data.query_images),
@@ -106,7 +113,9 @@ def run(task: Any, config: AdaptConfig | None = None, **overrides: Any) -> Adapt
     deadline = start + config.time_budget if config.time_budget else None
     data = task if isinstance(task, TaskData) else load_task(task if not isinstance(task, Path) else str(task))
     accelerator = make_accelerator(config)
-    result = AdaptResult(torch.empty(0, output_size(data.target, data.classes)), config, precision=accelerator.mixed_precision)
+    result = AdaptResult(
+        torch.empty(0, output_size(data.target, data.classes)), config, precision=accelerator.mixed_precision
+    )
     if len(data.query_images) == 0:
         return result
 
@@ -114,7 +123,12 @@ def run(task: Any, config: AdaptConfig | None = None, **overrides: Any) -> Adapt
     for member in config.members():
         begun = time.monotonic()
         if used and deadline is not None and deadline - begun < ENSEMBLE_HEADROOM * last:
-            logger.info("ensemble: %s skipped, %.1fs of the budget left (a member took %.1fs)", member.method, deadline - begun, last)
+            logger.info(
+                "ensemble: %s skipped, %.1fs of the budget left (a member took %.1fs)",
+                member.method,
+                deadline - begun,
+                last,
+            )
             break
         fitted = fit(data, member, deadline=deadline)
         trained = time.monotonic()
@@ -139,7 +153,12 @@ def run(task: Any, config: AdaptConfig | None = None, **overrides: Any) -> Adapt
     result.probabilities = total / len(used)
     result.methods = "+".join(used)
     total_s = time.monotonic() - start  # adapt: every member's training (and later members' loads)
-    result.timings = {"load": loaded - start, "adapt": total_s - (loaded - start) - predict_s, "predict": predict_s, "total": total_s}
+    result.timings = {
+        "load": loaded - start,
+        "adapt": total_s - (loaded - start) - predict_s,
+        "predict": predict_s,
+        "total": total_s,
+    }
     return result
 
 

@@ -234,7 +234,9 @@ def cast_frozen(module: nn.Module, dtype: torch.dtype, *, stream: bool = True) -
                 cast += 1
         if stream and type(layer) is nn.LayerNorm and layer.weight is not None:
             layer.__class__ = _OwnDtypeLayerNorm
-        if stream and hasattr(layer, "_cast_input_dtype"):  # a peft layer would cast bf16 inputs up to its float32 adapters
+        if stream and hasattr(
+            layer, "_cast_input_dtype"
+        ):  # a peft layer would cast bf16 inputs up to its float32 adapters
             layer.cast_input_dtype_enabled = False
     return cast
 

@@ -88,4 +88,3 @@ def use_graphs(enabled: bool, accelerator: Accelerator, batch: int) -> bool:
 
 def step_runner(step: Step, optimizer: torch.optim.Optimizer, *, graphed: bool) -> EagerStep:
     return GraphedStep(step, optimizer) if graphed else EagerStep(step, optimizer)
-

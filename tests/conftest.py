@@ -16,7 +16,9 @@ import pytest
 import torch
 from torchcross.data.task import Task, TaskDescription, TaskTarget
 
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=32, patch_size=8)
+TINY = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=32, patch_size=8
+)
 
 
 def _tiny_models() -> dict[str, object]:
@@ -41,7 +43,9 @@ def _tiny_models() -> dict[str, object]:
         "clip": lambda: CLIPVisionModel(CLIPVisionConfig(**TINY)),
         "siglip": lambda: SiglipVisionModel(SiglipVisionConfig(**TINY)),
         "deit": lambda: DeiTModel(DeiTConfig(**TINY), add_pooling_layer=False),
-        "swin": lambda: SwinModel(SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4)),
+        "swin": lambda: SwinModel(
+            SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4)
+        ),
     }
 
 

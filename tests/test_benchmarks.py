@@ -48,13 +48,27 @@ def test_trace_ops_names_fp32_matmuls_and_their_caller(tmp_path):
 @pytest.mark.parametrize("probe", ["attention_probe", "compile_probe", "profile_step"])
 def test_gpu_probes_start_from_the_repository_root(probe):
     """The probes import common.py (and each other) by bare name: each must find them from the root."""
-    proc = subprocess.run([sys.executable, f"benchmarks/probes/{probe}.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, f"benchmarks/probes/{probe}.py", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_slim_env_holds_the_dependency_closure_only(tmp_path):
     target = tmp_path / "slim"
-    proc = subprocess.run([sys.executable, "benchmarks/slim_env.py", str(target)], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/slim_env.py", str(target)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     python = str(target / "bin" / "python")
     check = "import torch, transformers, peft, accelerate, torchcross, safetensors; import l2l_peft.cli"
@@ -69,12 +83,23 @@ def test_bench_multi_gpu_smoke_compares_one_and_two_processes(tmp_path):
     rng = np.random.default_rng(0)
     labels = np.arange(24) % 3
     (tmp_path / "data").mkdir()
-    save_npz_dataset(tmp_path / "data", "levels", level_images(labels, (16, 16), 80, rng), labels, "multiclass", np.array([0] * 12 + [2] * 12))
+    save_npz_dataset(
+        tmp_path / "data",
+        "levels",
+        level_images(labels, (16, 16), 80, rng),
+        labels,
+        "multiclass",
+        np.array([0] * 12 + [2] * 12),
+    )
     proc = subprocess.run([sys.executable, "benchmarks/bench_multi_gpu.py", "--smoke", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")],
                           cwd=REPO, capture_output=True, text=True, timeout=400, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "out" / "multi_gpu.json").read_text())
     one, two = result["experiments"]["1 GPU"], result["experiments"]["2 GPUs"]
-    assert one["tasks"] == two["tasks"] > 0 and two["same_rows"] and two["metrics_differing"] == 0 < two["metrics_compared"]
+    assert (
+        one["tasks"] == two["tasks"] > 0
+        and two["same_rows"]
+        and two["metrics_differing"] == 0 < two["metrics_compared"]
+    )
     assert [len(r["loss"]) for r in result["pretraining"].values()] == [4, 4]  # 4 steps each, logged every step
     assert "| 2 GPUs x 4 | 8 |" in proc.stdout

@@ -11,7 +11,11 @@ from l2l_peft.train import plan
 
 @pytest.mark.parametrize(
     "field, text, member",
-    [("lora_targets", "qkv", LoraTargets.QKV), ("lora_targets", "all", LoraTargets.ALL), ("head_init", "zero", HeadInit.ZERO)],
+    [
+        ("lora_targets", "qkv", LoraTargets.QKV),
+        ("lora_targets", "all", LoraTargets.ALL),
+        ("head_init", "zero", HeadInit.ZERO),
+    ],
 )
 def test_closed_choices_take_strings_and_members(field, text, member):
     """YAML and experiments pass strings; both forms give the member, and to_dict() gives the string back."""

@@ -189,7 +189,9 @@ def sandbox(tmp_path_factory) -> dict[str, Path]:
     """Read-only package + hf_cache (tiny default model), read-only input, tmp and out dirs."""
     root = tmp_path_factory.mktemp("sandbox")
     app, inp = root / "app", root / "in"
-    shutil.copytree(Path(__file__).parent.parent / "l2l_peft", app / "l2l_peft", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        Path(__file__).parent.parent / "l2l_peft", app / "l2l_peft", ignore=shutil.ignore_patterns("__pycache__")
+    )
     save_tiny_model("vit", app / "hf_cache" / "tiny-vit")
     manifest = {"default": "tiny/vit", "models": {"tiny/vit": {"path": "tiny-vit", "revision": "local"}}}
     (app / "hf_cache" / "manifest.json").write_text(json.dumps(manifest))
@@ -213,7 +215,13 @@ def _run(sandbox: dict[str, Path], name: str, *extra: str, env: dict[str, str] |
     args = [str(sandbox["in"] / "task.pkl"), str(out / "result.pkl"), "--max-steps", "3", "--min-steps", "1", *extra]
     before = _tree(sandbox["root"] / "app"), _tree(sandbox["in"])
     done = subprocess.run(
-        [sys.executable, "-c", _AUDITED, *args], env=environ, cwd="/", capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-c", _AUDITED, *args],
+        env=environ,
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert (_tree(sandbox["root"] / "app"), _tree(sandbox["in"])) == before
     audit = [json.loads(line[6:]) for line in done.stdout.splitlines() if line.startswith("AUDIT ")]

@@ -39,7 +39,14 @@ def test_dev_demo_task_is_valid():
 
 def test_pretraining_datasets_come_from_the_model_card(tmp_path):
     seen = pretraining_datasets(REPO_CACHE / "l2l-vit-tiny-med")
-    assert seen == ["bccd_multilabel", "brain_tumor_mri", "lc25000_lung_histo", "pneumoniamnist", "retinamnist", "wbc_type_bccd"]
+    assert seen == [
+        "bccd_multilabel",
+        "brain_tumor_mri",
+        "lc25000_lung_histo",
+        "pneumoniamnist",
+        "retinamnist",
+        "wbc_type_bccd",
+    ]
     assert pretraining_datasets(tmp_path) is None  # no card
 
 

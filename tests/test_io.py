@@ -47,7 +47,12 @@ def test_cli_writes_a_file_bound_into_a_directory(tmp_path, vit_dir, read_only):
     command = [sys.executable, "-m", "l2l_peft", str(task), str(bound / "result.pkl"), "--model", str(vit_dir)]
     command += ["--max-steps", "2", "--min-steps", "1", "--cpu", "--strict"]
     done = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", _FILE_BIND, "sh", *command], env=env, capture_output=True, text=True, timeout=120, check=False
+        ["unshare", "-rm", "sh", "-c", _FILE_BIND, "sh", *command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "wrote the file in place" in done.stdout

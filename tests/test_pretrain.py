@@ -32,8 +32,12 @@ def data_dir(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     labels = np.arange(30) % 3
     split = np.array([0] * 20 + [2] * 10)
-    save_npz_dataset(root, "gray_mc", level_images(labels, (16, 16), 80, rng), labels, "multiclass", split, domain="synthetic gray")
-    save_npz_dataset(root, "rgb_ml", rng.integers(0, 255, (12, 20, 24, 3), dtype=np.uint8), rng.integers(0, 2, (12, 3)), "multilabel")
+    save_npz_dataset(
+        root, "gray_mc", level_images(labels, (16, 16), 80, rng), labels, "multiclass", split, domain="synthetic gray"
+    )
+    save_npz_dataset(
+        root, "rgb_ml", rng.integers(0, 255, (12, 20, 24, 3), dtype=np.uint8), rng.integers(0, 2, (12, 3)), "multilabel"
+    )
     return root
 
 
@@ -64,7 +68,12 @@ def test_sources_drop_test_split_and_excluded(config_path):
 
 @pytest.mark.parametrize(
     "setting, value, error",
-    [("max_minutes", 0, "> 0 or null"), ("lr", 0.0, "> 0"), ("warmup_steps", -1, ">= 0"), ("vflip", 1.5, r"in \[0, 1\]")],
+    [
+        ("max_minutes", 0, "> 0 or null"),
+        ("lr", 0.0, "> 0"),
+        ("warmup_steps", -1, ">= 0"),
+        ("vflip", 1.5, r"in \[0, 1\]"),
+    ],
 )
 def test_out_of_range_settings_are_errors(config_path, setting, value, error):
     """Rejected by name instead of silently meaning something else (max_minutes 0 used to mean no budget)."""
@@ -164,7 +173,10 @@ def test_leave_one_out_script_pretrains_without_each_dataset(data_dir, tmp_path)
 
 def test_pretraining_keeps_attention_off_cudnn(config_path, tmp_path, sdpa_calls):
     """As adapt(): training forwards run with cuDNN's attention kernel disabled (attention.TRAINING_BACKENDS)."""
-    assert main([str(config_path), "--output", str(tmp_path / "run"), "--stop-at", "1", "--cpu", "--log-level", "WARNING"]) == 0
+    assert (
+        main([str(config_path), "--output", str(tmp_path / "run"), "--stop-at", "1", "--cpu", "--log-level", "WARNING"])
+        == 0
+    )
     training = [cudnn for grad, cudnn in sdpa_calls if grad]
     assert training and not any(training)
 
@@ -178,6 +190,9 @@ def test_compiled_pretraining_trains_like_eager(config_path, tmp_path):
     counters.clear()
     assert main([str(config_path), "--output", str(tmp_path / "compiled"), "--compile", *args]) == 0
     assert counters["stats"]["unique_graphs"] >= 1  # dynamo did compile the model
-    eager, compiled = ([json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("eager", "compiled"))
+    eager, compiled = (
+        [json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        for run in ("eager", "compiled")
+    )
     assert compiled == pytest.approx(eager, rel=1e-3)
     assert _weights(tmp_path / "eager").keys() == _weights(tmp_path / "compiled").keys()

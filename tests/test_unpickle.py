@@ -65,7 +65,9 @@ def test_every_protocol_loads(layout, protocol):
 def test_numpy_arrays_of_every_protocol_load(protocol):
     """Protocol 5 pickles (transposed) arrays through numpy's _frombuffer; an empty array's data is b"" (builtins.bytes below 3)."""
     task, _ = make_task(n_support=4, n_query=0)
-    numpy_task = Task([(x.numpy().transpose(0, 2, 1), y.numpy()) for x, y in task.support], np.zeros((0, 32, 32, 3)), task.description)
+    numpy_task = Task(
+        [(x.numpy().transpose(0, 2, 1), y.numpy()) for x, y in task.support], np.zeros((0, 32, 32, 3)), task.description
+    )
     data = load_task(pickle.dumps(numpy_task, protocol=protocol))
     torch.testing.assert_close(data.support_images, torch.stack([x.transpose(1, 2) for x, _ in task.support]))
     assert len(data.query_images) == 0

@@ -1,6 +1,6 @@
 """Where a training step's GPU time goes: top kernels of adapt() with and without CUDA graphs.
 
-    python benchmarks/probes/profile_step.py --arch vit-b16 --batch 32 128
+python benchmarks/probes/profile_step.py --arch vit-b16 --batch 32 128
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ def main() -> None:
         data = load_task(make_task(batch, 1, 224))
         for graphs in (False, True):
             fresh_accelerate()
-            options = dict(model=model_dir, batch_size=batch, max_steps=args.steps, min_steps=args.steps, cuda_graphs=graphs)
+            options = dict(
+                model=model_dir, batch_size=batch, max_steps=args.steps, min_steps=args.steps, cuda_graphs=graphs
+            )
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 result = api.run(data, **options)
             events = [e for e in prof.key_averages() if e.device_time_total > 0]

@@ -33,8 +33,17 @@ class Kind(str, Enum):
 
 
 SEED_RECIPE: dict[str, Any] = dict(
-    method=Method.FULL, lr_head=1e-3, lr_adapter=1e-3, weight_decay=0.0, epochs=100.0, batch_size=64,
-    max_steps=100_000, min_steps=1, warmup_frac=0.0, augment=False, head_init=HeadInit.ZERO,
+    method=Method.FULL,
+    lr_head=1e-3,
+    lr_adapter=1e-3,
+    weight_decay=0.0,
+    epochs=100.0,
+    batch_size=64,
+    max_steps=100_000,
+    min_steps=1,
+    warmup_frac=0.0,
+    augment=False,
+    head_init=HeadInit.ZERO,
 )  # fmt: skip  -- weight_decay 0 makes AdamW plain Adam; max_steps so high that epochs decide
 PRESETS: dict[Kind, dict[str, Any]] = {
     Kind.SEED_RECIPE: SEED_RECIPE,
@@ -58,7 +67,9 @@ class MethodSpec:
         try:
             self.kind = Kind(self.kind)
         except ValueError:
-            raise ValueError(f"method {self.name!r}: kind must be one of {[k.value for k in Kind]}, got {self.kind!r}") from None
+            raise ValueError(
+                f"method {self.name!r}: kind must be one of {[k.value for k in Kind]}, got {self.kind!r}"
+            ) from None
         bad = [k for k, v in self.grid.items() if not isinstance(v, list) or not v]
         if bad:
             raise ValueError(f"method {self.name!r}: grid values must be non-empty lists, not for {bad}")

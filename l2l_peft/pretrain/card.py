@@ -30,7 +30,13 @@ def last_log(output: Path) -> dict:
 
 
 def write_card(
-    directory: Path, *, config: PretrainConfig, datasets: list[LabelledDataset], progress: Progress, hardware: str, log: dict,
+    directory: Path,
+    *,
+    config: PretrainConfig,
+    datasets: list[LabelledDataset],
+    progress: Progress,
+    hardware: str,
+    log: dict,
     parameters: int,
 ) -> None:
     rows = "\n".join(
@@ -49,8 +55,8 @@ tags: [vision-transformer, medical-imaging, l2l_peft]
 
 # {config.name}
 
-A ViT ({parameters:,} parameters; hidden {model_config['hidden_size']}, {model_config['num_hidden_layers']} layers, patch {model_config['patch_size']},
-input {model_config['image_size']}) pretrained from {'`' + config.init_from + '`' if config.init_from else 'random initialisation'} by
+A ViT ({parameters:,} parameters; hidden {model_config["hidden_size"]}, {model_config["num_hidden_layers"]} layers, patch {model_config["patch_size"]},
+input {model_config["image_size"]}) pretrained from {"`" + config.init_from + "`" if config.init_from else "random initialisation"} by
 multi-task supervised learning on medical images with `python -m l2l_peft.pretrain` (one head per
 dataset, each with its target type's loss; datasets sampled in balance). Only the backbone is stored
 (no task heads), in {config.save_dtype} safetensors; `config.json` says float32, so it loads in float32.
@@ -67,10 +73,10 @@ Train and validation rows only (test split, split == 2, left out). Excluded data
 {rows}
 
 ## Training
-- steps: {progress.step} (planned {config.steps}{f', time budget {config.max_minutes} min' if config.max_minutes else ''}),
+- steps: {progress.step} (planned {config.steps}{f", time budget {config.max_minutes} min" if config.max_minutes else ""}),
   images seen: {progress.images}, batch per step: {config.batch_size} per process
 - time: {progress.seconds / 60:.1f} min of training on {hardware}
-- last logged loss: {log.get('loss', float('nan')):.4f} (per dataset: {losses}); throughput {log.get('images_per_s', '-')} images/s
+- last logged loss: {log.get("loss", float("nan")):.4f} (per dataset: {losses}); throughput {log.get("images_per_s", "-")} images/s
 
 ## Recipe
 ```yaml

@@ -35,7 +35,9 @@ class PretrainConfig:
     exclude: list[str] = _help("dataset names to leave out, e.g. the evaluation datasets", default_factory=list)
     # model
     model_size: str = _help(f"ViT size built from scratch: {', '.join(VIT_SIZES)}", default="tiny")
-    init_from: str | None = _help("continue from this HF checkpoint (hub id in the cache, or directory) instead", default=None)
+    init_from: str | None = _help(
+        "continue from this HF checkpoint (hub id in the cache, or directory) instead", default=None
+    )
     cache_dir: str | None = _help("HF cache for init_from (default: the repository's hf_cache/)", default=None)
     image_size: int = _help("model input side (the challenge form is 224)", default=224)
     patch_size: int = _help("ViT patch side", default=16)
@@ -46,13 +48,17 @@ class PretrainConfig:
         "training time budget over all resumes; the schedule then follows whichever of steps or time ends first",
         default=None,
     )
-    batch_size: int = _help("images per step and process, split evenly across datasets (balanced sampling)", default=512)
+    batch_size: int = _help(
+        "images per step and process, split evenly across datasets (balanced sampling)", default=512
+    )
     lr: float = _help("AdamW peak learning rate", default=1e-3)
     min_lr_frac: float = _help("final learning rate as a fraction of lr", default=0.01)
     weight_decay: float = _help("AdamW weight decay on matrices (not on biases and norms)", default=0.05)
     warmup_steps: int = _help("linear warm-up steps", default=300)
     grad_clip: float = _help("gradient norm clip", default=1.0)
-    precision: Precision = _help("mixed precision: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or no", default=Precision.AUTO)
+    precision: Precision = _help(
+        "mixed precision: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or no", default=Precision.AUTO
+    )
     cpu: bool = _help("train on the CPU even when a GPU is present", default=False)
     compile: bool = _help(
         "torch.compile the model: fewer, fused kernels per step after about 40 s of compilation (tiny recipe "
@@ -76,9 +82,13 @@ class PretrainConfig:
         self.precision = Precision(self.precision)
         self.crop_scale = tuple(self.crop_scale)
         if self.model_size not in VIT_SIZES and self.init_from is None:
-            raise ValueError(f"PretrainConfig.model_size must be one of {', '.join(VIT_SIZES)}, got {self.model_size!r}")
+            raise ValueError(
+                f"PretrainConfig.model_size must be one of {', '.join(VIT_SIZES)}, got {self.model_size!r}"
+            )
         if not self.sources:
-            raise ValueError("PretrainConfig.sources is empty: name at least one, e.g. `- {kind: npz, path: ../shared/data}`")
+            raise ValueError(
+                "PretrainConfig.sources is empty: name at least one, e.g. `- {kind: npz, path: ../shared/data}`"
+            )
         for name in ("batch_size", "image_size", "patch_size", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PretrainConfig.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -118,5 +128,7 @@ def load_config(path: str | Path | None, **overrides: Any) -> PretrainConfig:
     known = {f.name for f in dataclasses.fields(PretrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown pretraining setting(s) {', '.join(unknown)} in {path}; known: {', '.join(sorted(known))}")
+        raise ValueError(
+            f"unknown pretraining setting(s) {', '.join(unknown)} in {path}; known: {', '.join(sorted(known))}"
+        )
     return PretrainConfig(**values)

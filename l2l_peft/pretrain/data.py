@@ -31,7 +31,9 @@ def load_sources(config: PretrainConfig) -> list[LabelledDataset]:
                 name = target.dataset if target.name == NATIVE else f"{target.dataset}/{target.name}"
                 found[name] = train_rows(target.data, name)
     if not found:
-        raise ValueError(f"no pretraining data left in {config.sources} after include={config.include} exclude={config.exclude}")
+        raise ValueError(
+            f"no pretraining data left in {config.sources} after include={config.include} exclude={config.exclude}"
+        )
     return [found[name] for name in sorted(found)]
 
 
@@ -59,7 +61,9 @@ class BalancedSampler:
     batches the uninterrupted run would have, and processes draw different batches.
     """
 
-    def __init__(self, datasets: list[LabelledDataset], *, batch_size: int, device: torch.device, seed: int, rank: int) -> None:
+    def __init__(
+        self, datasets: list[LabelledDataset], *, batch_size: int, device: torch.device, seed: int, rank: int
+    ) -> None:
         self.sources = [
             Source(ds.name, ds.images.to(device), ds.labels.to(device), build_objective(ds.target, ds.classes, ds.labels))
             for ds in datasets
@@ -77,6 +81,8 @@ class BalancedSampler:
         self.generator.manual_seed(((self.seed * 1_000_003 + self.rank) * 1_000_003 + step) % (2**63))
         batches = []
         for source in self.sources:
-            idx = torch.randint(len(source.labels), (self.per_source,), generator=self.generator, device=source.labels.device)
+            idx = torch.randint(
+                len(source.labels), (self.per_source,), generator=self.generator, device=source.labels.device
+            )
             batches.append((source.images[idx], source.labels[idx]))
         return self.generator, batches

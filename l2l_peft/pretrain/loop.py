@@ -91,13 +91,20 @@ def pretrain(
     datasets = load_sources(config)
     extractor = build_extractor(config)
     sampler = BalancedSampler(
-        datasets, batch_size=config.batch_size, device=accelerator.device, seed=config.seed, rank=accelerator.process_index
+        datasets,
+        batch_size=config.batch_size,
+        device=accelerator.device,
+        seed=config.seed,
+        rank=accelerator.process_index,
     )
     model = MultiTaskModel(extractor, {s.name: s.objective.n_logits for s in sampler.sources})
     if config.compile:
         model.compile(dynamic=False)  # in place: parameter names, checkpoints and the export stay as without
     optimizer = torch.optim.AdamW(
-        _param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.999), fused=accelerator.device.type == "cuda"
+        _param_groups(model, config.weight_decay),
+        lr=config.lr,
+        betas=(0.9, 0.999),
+        fused=accelerator.device.type == "cuda",
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     augment = StrongAugment(config.image_size, config.crop_scale, max_rotation=config.max_rotation,
@@ -119,7 +126,9 @@ def pretrain(
     global_batch = sampler.batch_size * accelerator.num_processes
 
     model.train()
-    bar = tqdm(total=config.steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="pretrain")
+    bar = tqdm(
+        total=config.steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="pretrain"
+    )
     start, seconds0, window = time.monotonic(), progress.seconds, (time.monotonic(), progress.step)
     elapsed = seconds0  # synchronised across processes at log steps, so all stop at the same step
     last = min(config.steps, stop_at if stop_at is not None else config.steps)
