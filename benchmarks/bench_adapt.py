@@ -101,10 +101,24 @@ def run_adapt(name: str, arch: str, model_dir: Path, support: int, query: int, s
     report = result.train
     rate = report.steps * flops / report.seconds / 1e12
     return Row(
-        name, arch, support, query, report.batch_size, report.steps,
-        result.timings["load"], result.timings["adapt"], result.timings["predict"], report.seconds, result.timings["total"],
-        None, report.images_per_second, flops / 1e9, rate, rate / peak, memory,
-    )  # fmt: skip
+        name,
+        arch,
+        support,
+        query,
+        report.batch_size,
+        report.steps,
+        result.timings["load"],
+        result.timings["adapt"],
+        result.timings["predict"],
+        report.seconds,
+        result.timings["total"],
+        None,
+        report.images_per_second,
+        flops / 1e9,
+        rate,
+        rate / peak,
+        memory,
+    )
 
 
 def run_cli(name: str, arch: str, model_dir: Path, support: int, query: int, size: int, work: Path, extra: list[str],
@@ -121,15 +135,23 @@ def run_cli(name: str, arch: str, model_dir: Path, support: int, query: int, siz
     for _ in range(runs):
         out.unlink(missing_ok=True)
         start = time.perf_counter()
-        proc = subprocess.run([python, "-m", "l2l_peft", str(task), str(out), "--model", str(model_dir), "--strict", *extra],
-                              capture_output=True, text=True, env=env, check=False)  # fmt: skip
+        proc = subprocess.run(
+            [python, "-m", "l2l_peft", str(task), str(out), "--model", str(model_dir), "--strict", *extra],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
         walls.append(time.perf_counter() - start)
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(f"CLI failed ({proc.returncode}): {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
         logs.append(proc.stdout)
     best = min(range(1, runs), key=walls.__getitem__) if runs > 1 else 0
     phases = next((line.split("timings: ", 1)[1] for line in logs[best].splitlines() if "timings: " in line), None)
-    note = f"{python} -m l2l_peft, process start to output written; runs {', '.join(f'{w:.2f}' for w in walls)} s (the first fills the bytecode cache)"
+    runs_s = ", ".join(f"{w:.2f}" for w in walls)
+    note = (
+        f"{python} -m l2l_peft, process start to output written; runs {runs_s} s (the first fills the bytecode cache)"
+    )
     return Row(name, arch, support, query, cli_s=walls[best], note=note + (f"; best: {phases}" if phases else ""))
 
 
@@ -268,7 +290,10 @@ def markdown(rows: list[Row], peak: float, device: str, command: str) -> str:
         f"Device: {device}; bf16 8192^3 matmul peak measured in this run: {peak:.0f} TFLOP/s.",
         f"Command: `{command}`",
         "",
-        "| row | support | query | batch | steps | load s | adapt s | predict s | train img/s | TFLOP/s | % peak | GPU GB | CLI s |",
+        (
+            "| row | support | query | batch | steps | load s | adapt s | predict s | train img/s | TFLOP/s | % peak "
+            "| GPU GB | CLI s |"
+        ),
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
@@ -277,7 +302,8 @@ def markdown(rows: list[Row], peak: float, device: str, command: str) -> str:
             continue
         lines.append(
             f"| {r.name} | {r.support} | {r.query} | {r.batch} | {r.steps} | {r.load_s:.2f} | {r.adapt_s:.2f} | "
-            f"{r.predict_s:.2f} | {r.images_per_s:,.0f} | {r.tflops:.0f} | {100 * r.peak_fraction:.0f}% | {r.memory_gb:.1f} | |"
+            f"{r.predict_s:.2f} | {r.images_per_s:,.0f} | {r.tflops:.0f} | {100 * r.peak_fraction:.0f}% "
+            f"| {r.memory_gb:.1f} | |"
         )
     phases = [f"- {r.name}: {r.note.split('; ', 1)[1]}" for r in rows if r.cli_s is not None and "; " in r.note]
     return "\n".join(lines + (["", "CLI phases (from its log):", *phases] if phases else [])) + "\n"

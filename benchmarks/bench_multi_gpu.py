@@ -38,10 +38,22 @@ THROUGHPUT = re.compile(r"ran (\d+) tasks in ([\d.]+)s on (\d+) process")
 def launch(processes: int, module: str, args: list[str], log: Path, cpu: bool) -> float:
     """`accelerate launch` on the first `processes` GPUs (or CPU processes); returns wall seconds, raises on failure."""
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--num_machines", "1",
-        "--mixed_precision", "no" if cpu else "bf16", "--dynamo_backend", "no", *(["--multi_gpu"] if processes > 1 else []),
-        "-m", module, *args,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no" if cpu else "bf16",
+        "--dynamo_backend",
+        "no",
+        *(["--multi_gpu"] if processes > 1 else []),
+        "-m",
+        module,
+        *args,
+    ]
     # keeps the rest of the environment (NCCL_NVLS_ENABLE=0 on the GPU machines)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "" if cpu else ",".join(map(str, range(processes)))}
     start = time.perf_counter()
@@ -57,10 +69,16 @@ def experiments(out: Path, data: Path, tasks: int, repeat: bool, smoke: bool) ->
     config = {
         "model": None,
         "cpu": smoke,
-        "suite": {"seed": 0, "shots": [1] if smoke else [1, 5, 10, 20], "tasks": tasks, "query_per_class": 2 if smoke else 10,
-                  "split": "test", "sources": [{"kind": "npz", "path": str(data), "exclude": ["lc25000_lung_histo"]}]},
+        "suite": {
+            "seed": 0,
+            "shots": [1] if smoke else [1, 5, 10, 20],
+            "tasks": tasks,
+            "query_per_class": 2 if smoke else 10,
+            "split": "test",
+            "sources": [{"kind": "npz", "path": str(data), "exclude": ["lc25000_lung_histo"]}],
+        },
         "methods": [{"name": "lora", **({"params": {"max_steps": 2, "min_steps": 1}} if smoke else {})}],
-    }  # fmt: skip
+    }
     path = out / "experiments.yaml"
     path.write_text(yaml.safe_dump(config))
     runs = {}
@@ -93,8 +111,16 @@ def pretraining(
     for processes, per_process in layouts:
         name = f"{processes} GPU{'s' if processes > 1 else ''} x {per_process}"
         slug = name.replace(" ", "_")
-        config = base | {"batch_size": per_process, "steps": steps, "seed": seed, "compile": compile_, "log_every": 1 if smoke else 25, "checkpoint_every": steps,
-                         "warmup_steps": 2 if smoke else 50, "sources": [{"kind": "npz", "path": str(data)}]}  # fmt: skip
+        config = base | {
+            "batch_size": per_process,
+            "steps": steps,
+            "seed": seed,
+            "compile": compile_,
+            "log_every": 1 if smoke else 25,
+            "checkpoint_every": steps,
+            "warmup_steps": 2 if smoke else 50,
+            "sources": [{"kind": "npz", "path": str(data)}],
+        }
         config |= {"image_size": 32, "patch_size": 8, "precision": "no"} if smoke else {}
         path = out / f"pretrain_{slug}.yaml"
         path.write_text(yaml.safe_dump(config))
@@ -120,19 +146,35 @@ def pretraining(
 def markdown(result: dict) -> str:
     lines = [f"Device: {result['device']}; torch {result['torch']}; command: `{result['command']}`"]
     if "experiments" in result:
-        lines += ["", "| experiments | processes | tasks | task loop s | tasks/s | speed-up | same rows | metrics differing / compared | max difference | wall s |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
+        lines += [
+            "",
+            (
+                "| experiments | processes | tasks | task loop s | tasks/s | speed-up | same rows "
+                "| metrics differing / compared | max difference | wall s |"
+            ),
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+        ]
     for name, r in result.get("experiments", {}).items():
-        lines.append(f"| {name} | {r['processes']} | {r['tasks']} | {r['task_loop_s']:.1f} | {r['tasks_per_s']:.2f} | {r['speedup']:.2f}x | "
-                     f"{r['same_rows']} | {r['metrics_differing']} / {r['metrics_compared']} | {r['max_metric_diff']:.2g} | {r['wall_s']} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {r['processes']} | {r['tasks']} | {r['task_loop_s']:.1f} | {r['tasks_per_s']:.2f} "
+            f"| {r['speedup']:.2f}x | {r['same_rows']} | {r['metrics_differing']} / {r['metrics_compared']} "
+            f"| {r['max_metric_diff']:.2g} | {r['wall_s']} |"
+        )
     if "pretraining" in result:
-        lines += ["", "| pretraining | global batch | median images/s | speed-up | largest loss difference to the first row | loss at each logged step | wall s |",
-                  "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]  # fmt: skip
+        lines += [
+            "",
+            (
+                "| pretraining | global batch | median images/s | speed-up | largest loss difference to the first row "
+                "| loss at each logged step | wall s |"
+            ),
+            "| --- | ---: | ---: | ---: | ---: | --- | ---: |",
+        ]
     for name, r in result.get("pretraining", {}).items():
         losses = ", ".join(f"{x:.3f}" for x in r["loss"])
         diff = f"{r['max_relative_loss_diff']:.1%}" if "max_relative_loss_diff" in r else "(other batch)"
         lines.append(
-            f"| {name} | {r['global_batch']} | {r['images_per_s']:,.0f} | {r['speedup']:.2f}x | {diff} | {losses} | {r['wall_s']} |"
+            f"| {name} | {r['global_batch']} | {r['images_per_s']:,.0f} | {r['speedup']:.2f}x | {diff} | {losses} "
+            f"| {r['wall_s']} |"
         )
     return "\n".join(lines)
 

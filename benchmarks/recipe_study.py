@@ -65,11 +65,13 @@ def study_task(data, seed: int, model: str | None, recipes: list[str]) -> dict:
 
     record = {
         "frozen": {
-            "support": feats(extractor, data.support_images), "query": feats(extractor, data.query_images),
-            "support_flip": feats(extractor, flip(data.support_images)), "query_flip": feats(extractor, flip(data.query_images)),
+            "support": feats(extractor, data.support_images),
+            "query": feats(extractor, data.query_images),
+            "support_flip": feats(extractor, flip(data.support_images)),
+            "query_flip": feats(extractor, flip(data.query_images)),
         },
         "runs": {},
-    }  # fmt: skip
+    }
     for name in recipes:
         config = dataclasses.replace(base, **RECIPES[name])
         start = time.monotonic()
@@ -78,10 +80,19 @@ def study_task(data, seed: int, model: str | None, recipes: list[str]) -> dict:
             torch.cuda.synchronize()
         seconds = time.monotonic() - start
         run = {
-            "probs": predict(fitted.model, fitted.objective, data.query_images, accelerator=fitted.accelerator, batch_size=batch),
-            "probs_flip": predict(fitted.model, fitted.objective, flip(data.query_images), accelerator=fitted.accelerator, batch_size=batch),
-            "seconds": seconds, "steps": fitted.report.steps,
-        }  # fmt: skip
+            "probs": predict(
+                fitted.model, fitted.objective, data.query_images, accelerator=fitted.accelerator, batch_size=batch
+            ),
+            "probs_flip": predict(
+                fitted.model,
+                fitted.objective,
+                flip(data.query_images),
+                accelerator=fitted.accelerator,
+                batch_size=batch,
+            ),
+            "seconds": seconds,
+            "steps": fitted.report.steps,
+        }
         if name == FEATURES_OF:
             ex = fitted.model.extractor
             run |= {"support": feats(ex, data.support_images), "query": feats(ex, data.query_images)}

@@ -128,7 +128,10 @@ def probe(directory: str | Path) -> Probe:
 def probe_offline(directory: Path) -> Probe:
     """probe() in a fresh interpreter with the hub switched off: proves the copy is self-contained."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    code = "import dataclasses, json, sys; from l2l_peft.cache import probe; print(json.dumps(dataclasses.asdict(probe(sys.argv[1]))))"
+    code = (
+        "import dataclasses, json, sys; from l2l_peft.cache import probe; "
+        "print(json.dumps(dataclasses.asdict(probe(sys.argv[1]))))"
+    )
     done = subprocess.run(
         [sys.executable, "-c", code, str(directory)], env=env, capture_output=True, text=True, check=False
     )

@@ -186,7 +186,8 @@ class AdaptConfig:
 # lower bounds of numeric fields; anything below is an error, never clamped into range
 _AT_LEAST = {
     "max_steps": 1, "min_steps": 0, "lora_rank": 1, "batch_size": 1, "predict_batch_size": 1, "vpt_tokens": 1,
-    "prefix_views": 0, "lr_head": 0, "lr_adapter": 0, "weight_decay": 0, "epochs": 0, "probe_l2": 0, "probe_max_iter": 1,
+    "prefix_views": 0, "lr_head": 0, "lr_adapter": 0, "weight_decay": 0, "epochs": 0,
+    "probe_l2": 0, "probe_max_iter": 1,
 }  # fmt: skip
 
 

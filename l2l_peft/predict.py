@@ -82,7 +82,7 @@ def predict(
 def features(
     extractor: FeatureExtractor, images: torch.Tensor, *, accelerator: Accelerator, batch_size: int
 ) -> torch.Tensor:
-    """float32 [n, feature_dim] backbone features of all images, on the accelerator's device (heads are fitted there)."""
+    """float32 [n, feature_dim] backbone features of all images, on the accelerator's device (heads fit there)."""
     out = run_batched(extractor, images, width=extractor.feature_dim, accelerator=accelerator, batch_size=batch_size)
     return out.to(accelerator.device)
 

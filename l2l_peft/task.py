@@ -363,7 +363,8 @@ def _check_labels(labels: torch.Tensor, target: TaskTarget, classes: dict[Any, s
         case TaskTarget.MULTILABEL_CLASSIFICATION:
             if labels.dim() != 2 or labels.shape[1] != len(classes):
                 raise TaskError(
-                    f"multilabel labels must be multi-hot vectors of length {len(classes)}, got shape {tuple(labels.shape[1:])}"
+                    f"multilabel labels must be multi-hot vectors of length {len(classes)}, "
+                    f"got shape {tuple(labels.shape[1:])}"
                 )
             flat = _integral(labels, target)
             bad = ((flat != 0) & (flat != 1)).any(1).nonzero()

@@ -26,8 +26,22 @@ def test_bench_task_images_pickle_on_their_own():
 
 
 def test_bench_adapt_smoke_writes_every_row(tmp_path):
-    proc = subprocess.run([sys.executable, "benchmarks/bench_adapt.py", "--smoke", "--out", str(tmp_path), "--models", str(tmp_path / "models")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/bench_adapt.py",
+            "--smoke",
+            "--out",
+            str(tmp_path),
+            "--models",
+            str(tmp_path / "models"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((tmp_path / "bench_adapt.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["smoke reference", "smoke default", "smoke prefix", "smoke cli"]
@@ -38,8 +52,25 @@ def test_bench_adapt_smoke_writes_every_row(tmp_path):
 
 
 def test_trace_ops_names_fp32_matmuls_and_their_caller(tmp_path):
-    proc = subprocess.run([sys.executable, "benchmarks/probes/trace_ops.py", "--arch", "tiny", "--batch", "8", "--steps", "2", "--models", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/probes/trace_ops.py",
+            "--arch",
+            "tiny",
+            "--batch",
+            "8",
+            "--steps",
+            "2",
+            "--models",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "== graphs False:" in proc.stdout and "== graphs True:" in proc.stdout
     assert "fp32 mm (5, 8)float32 x (8, 64)float32 @ l2l_peft/head.py" in proc.stdout  # on the CPU every matmul is fp32
@@ -91,8 +122,22 @@ def test_bench_multi_gpu_smoke_compares_one_and_two_processes(tmp_path):
         "multiclass",
         np.array([0] * 12 + [2] * 12),
     )
-    proc = subprocess.run([sys.executable, "benchmarks/bench_multi_gpu.py", "--smoke", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")],
-                          cwd=REPO, capture_output=True, text=True, timeout=400, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/bench_multi_gpu.py",
+            "--smoke",
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "out" / "multi_gpu.json").read_text())
     one, two = result["experiments"]["1 GPU"], result["experiments"]["2 GPUs"]

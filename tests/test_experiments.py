@@ -1,4 +1,5 @@
-"""The experiments runner: sampling protocol, metrics, methods, and a tiny suite end to end (1 and 2 processes, resume)."""
+"""The experiments runner: sampling protocol, metrics, methods, and a tiny suite end to end (1 and 2 processes,
+resume)."""
 
 from __future__ import annotations
 
@@ -57,14 +58,31 @@ def _config(npz_dir: Path, vit_dir: Path) -> dict:
     """2 datasets x 2 targets x 3 methods, 2 tasks each at 2 shots."""
     return {
         "model": str(vit_dir),
-        "defaults": {"max_steps": 3, "min_steps": 1, "cpu": True},  # on a GPU machine too: the 2-process run is CPU-only
+        "defaults": {
+            "max_steps": 3,
+            "min_steps": 1,
+            "cpu": True,
+        },  # on a GPU machine too: the 2-process run is CPU-only
         "bootstrap": 200,
         "suite": {
-            "shots": [2], "tasks": 2, "query_per_class": 3, "image_size": 32,
-            "sources": [{"kind": "npz", "path": str(npz_dir), "targets": {"shapes": ["native", "binary:b"], "cells": ["native", "binary:y"]}}],
+            "shots": [2],
+            "tasks": 2,
+            "query_per_class": 3,
+            "image_size": 32,
+            "sources": [
+                {
+                    "kind": "npz",
+                    "path": str(npz_dir),
+                    "targets": {"shapes": ["native", "binary:b"], "cells": ["native", "binary:y"]},
+                }
+            ],
         },
-        "methods": [{"name": "lora"}, {"name": "probe", "kind": "linear_probe"}, {"name": "prototypes", "kind": "prototypes"}],
-    }  # fmt: skip
+        "methods": [
+            {"name": "lora"},
+            {"name": "probe", "kind": "linear_probe"},
+            {"name": "prototypes", "kind": "prototypes"},
+        ],
+    }
 
 
 def _by_key(rows: list[dict]) -> dict[tuple[str, str], dict]:
@@ -187,10 +205,26 @@ def test_two_processes_match_one(one_process_run, npz_dir, vit_dir, tmp_path):
     config.write_text(yaml.safe_dump(_config(npz_dir, vit_dir)))
     out = tmp_path / "two"
     launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--main_process_port", str(_free_port()),
-        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "l2l_peft.experiments", str(config), "--output", str(out),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(_free_port()),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "l2l_peft.experiments",
+        str(config),
+        "--output",
+        str(out),
+    ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]

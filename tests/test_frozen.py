@@ -70,7 +70,7 @@ def test_probe_is_deterministic(vit_dir):
 
 
 def test_probe_config_split_and_validation():
-    """The YAML's linear_probe params l2 and max_iter become probe_l2 and probe_max_iter; the rest stay AdaptConfig's."""
+    """The YAML's linear_probe params l2 and max_iter set probe_l2 and probe_max_iter; the rest are AdaptConfig's."""
     config = Variant("probe", "probe", Kind.LINEAR_PROBE, {"l2": 0.5, "max_steps": 3}).config(AdaptConfig(), seed=0)
     assert (config.methods, config.probe_l2, config.probe_max_iter, config.max_steps) == (
         (Method.LINEAR_PROBE,),

@@ -44,9 +44,17 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def config_path(data_dir, tmp_path_factory) -> Path:
     config = {
-        "sources": [{"kind": "npz", "path": str(data_dir)}], "image_size": 32, "patch_size": 8, "vit_overrides": TINY_VIT,
-        "steps": 4, "batch_size": 8, "log_every": 1, "checkpoint_every": 2, "warmup_steps": 2, "name": "tiny-test",
-    }  # fmt: skip
+        "sources": [{"kind": "npz", "path": str(data_dir)}],
+        "image_size": 32,
+        "patch_size": 8,
+        "vit_overrides": TINY_VIT,
+        "steps": 4,
+        "batch_size": 8,
+        "log_every": 1,
+        "checkpoint_every": 2,
+        "warmup_steps": 2,
+        "name": "tiny-test",
+    }
     path = tmp_path_factory.mktemp("cfg") / "pretrain.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -130,10 +138,29 @@ def test_two_process_launch(config_path, tmp_path):
     """DDP across 2 CPU processes (gloo) through accelerate launch; both must agree on the stop step."""
     out = tmp_path / "ddp"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "l2l_peft.pretrain", str(config_path),
-        "--output", str(out), "--steps", "2", "--cpu", "--log-level", "WARNING",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "l2l_peft.pretrain",
+        str(config_path),
+        "--output",
+        str(out),
+        "--steps",
+        "2",
+        "--cpu",
+        "--log-level",
+        "WARNING",
+    ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -162,8 +189,15 @@ def test_leave_one_out_script_pretrains_without_each_dataset(data_dir, tmp_path)
     repo = Path(__file__).resolve().parent.parent
     shutil.copytree(repo / "configs", tmp_path / "configs")
     env = {**os.environ, "PYTHONPATH": str(repo), "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(["bash", str(repo / "scripts" / "pretrain_loo.sh"), "0", str(data_dir)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    proc = subprocess.run(
+        ["bash", str(repo / "scripts" / "pretrain_loo.sh"), "0", str(data_dir)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in ("gray_mc", "rgb_ml"):
         card = (tmp_path / "runs" / "loo" / name / "README.md").read_text()

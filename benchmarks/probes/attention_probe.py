@@ -54,7 +54,8 @@ def training_attention(backend: SDPBackend) -> Iterator[None]:
 def kernel_time(
     backend: SDPBackend, batch: int, heads: int, tokens: int = 197, dim: int = 64, iters: int = 30
 ) -> float:
-    """Milliseconds of one forward + backward on [batch, heads, tokens, dim] views of a [batch, tokens, heads*dim] tensor."""
+    """Milliseconds of one forward + backward on [batch, heads, tokens, dim] views of a [batch, tokens, heads*dim]
+    tensor."""
     qkv = [
         torch.randn(batch, tokens, heads * dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         for _ in range(3)
@@ -73,7 +74,8 @@ def kernel_time(
 
 def gradient_errors(backend: SDPBackend, batch: int, heads: int = 12, tokens: int = 197, dim: int = 64,
                     needs_grad: str = "qkv") -> list[float]:  # fmt: skip
-    """Relative error of output and the gradients of `needs_grad` against float64 math attention, in the model's layouts.
+    """Relative error of output and the gradients of `needs_grad` against float64 math attention, in the model's
+    layouts.
 
     As in attention.py: q, k, v are strided [B, H, S, D] views of [B, S, H*D] projections, and
     the output goes back to [B, S, H, D] before the next projection, so its gradient arrives strided.
@@ -95,7 +97,8 @@ def gradient_errors(backend: SDPBackend, batch: int, heads: int = 12, tokens: in
 
 def lora_gradients(model_dir: Path, backend: SDPBackend | None, images: torch.Tensor, labels: torch.Tensor,
                    eval_first: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
-    """LoRA gradients of one training step of a fresh ViT (same seed), in float32 with math attention when backend is None.
+    """LoRA gradients of one training step of a fresh ViT (same seed), in float32 with math attention when backend
+    is None.
 
     eval_first runs a no-grad eval forward first, as adapt() does for the prototype head, so a
     kernel that caches its plans meets the training call second.
@@ -149,8 +152,11 @@ def check_part(args: argparse.Namespace, peak: float) -> None:
     )
     for batch, needs_grad in ((8, "qkv"), (128, "qkv"), (128, "qv")):
         for name, backend in BACKENDS.items():
-            print(f"batch {batch}, grads of {needs_grad}: bf16 {name} vs float64 math, relative error: "
-                  f"{_errors_text(gradient_errors(backend, batch, needs_grad=needs_grad), needs_grad)}", flush=True)  # fmt: skip
+            print(
+                f"batch {batch}, grads of {needs_grad}: bf16 {name} vs float64 math, relative error: "
+                f"{_errors_text(gradient_errors(backend, batch, needs_grad=needs_grad), needs_grad)}",
+                flush=True,
+            )
     # First a call at new shapes whose output gradient is contiguous, then the model's strided one
     # (run 8: cuDNN's model-level LoRA gradients were wrong after the kernels part had timed it).
     for name in ("flash", "cudnn"):
@@ -205,9 +211,12 @@ def training_part(args: argparse.Namespace, peak: float) -> None:
                     print(f"{arch} training, {name}: failed ({str(err).splitlines()[0][:100]})", flush=True)
                     break
                 rate = report.steps * flops / report.seconds / 1e12
-                print(f"{arch} training batch 128, {name}{' (direct call)' if name == 'flash' else ''}, seed {seed}: "
-                      f"{report.seconds:.2f}s {report.images_per_second:.0f} img/s {rate:.0f} TFLOP/s {rate / peak:.0%} "
-                      f"loss {report.final_loss:.3f}", flush=True)  # fmt: skip
+                print(
+                    f"{arch} training batch 128, {name}{' (direct call)' if name == 'flash' else ''}, seed {seed}: "
+                    f"{report.seconds:.2f}s {report.images_per_second:.0f} img/s {rate:.0f} TFLOP/s {rate / peak:.0%} "
+                    f"loss {report.final_loss:.3f}",
+                    flush=True,
+                )
 
 
 PARTS = {"check": check_part, "model": model_part, "kernels": kernels_part, "training": training_part}

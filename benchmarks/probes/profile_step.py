@@ -37,8 +37,11 @@ def main() -> None:
                 result = api.run(data, **options)
             events = [e for e in prof.key_averages() if e.device_time_total > 0]
             total = sum(e.self_device_time_total for e in events)
-            print(f"\n== batch {batch} graphs {graphs}: {result.train.images_per_second:.0f} img/s, "
-                  f"GPU busy {total / 1e3 / args.steps:.1f} ms/step, wall {1e3 * result.train.seconds / args.steps:.1f} ms/step")  # fmt: skip
+            print(
+                f"\n== batch {batch} graphs {graphs}: {result.train.images_per_second:.0f} img/s, "
+                f"GPU busy {total / 1e3 / args.steps:.1f} ms/step, "
+                f"wall {1e3 * result.train.seconds / args.steps:.1f} ms/step"
+            )
             for e in sorted(events, key=lambda e: -e.self_device_time_total)[: args.top]:
                 share = e.self_device_time_total / total
                 print(f"{share:6.1%} {e.count:6d}x {e.key[:90]}")

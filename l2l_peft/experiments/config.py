@@ -43,7 +43,8 @@ class SuiteConfig:
             raise ValueError("suite.sources is empty: name at least one source (npz, folder, medimeta or pickles)")
         if any(n < 1 for n in self.shots) or self.tasks < 1 or self.query_per_class < 1:
             raise ValueError(
-                f"suite.shots, suite.tasks and suite.query_per_class must be >= 1, got {self.shots}, {self.tasks}, {self.query_per_class}"
+                "suite.shots, suite.tasks and suite.query_per_class must be >= 1, "
+                f"got {self.shots}, {self.tasks}, {self.query_per_class}"
             )
         if self.split not in (None, "train", "val", "test"):
             raise ValueError(f"suite.split must be train, val, test or null, got {self.split!r}")

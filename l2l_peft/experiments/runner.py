@@ -85,9 +85,10 @@ def run_task(
             result = variant.run(data, base, seed=spec.seed, dataset=spec.dataset)
             row.update(
                 metrics=_finite_or_none(task_metrics(data.target, result.probabilities, labels)),
-                adapt_s=result.timings.get("adapt"), predict_s=result.timings.get("predict"), load_s=result.timings.get("load"),
-                peak_gpu_mb=_peak_memory_mb(accelerator, reset=False), steps=result.train.steps if result.train else None,
-                trainable_parameters=result.trainable_parameters, precision=result.precision, seed=result.config.seed,
+                adapt_s=result.timings.get("adapt"), predict_s=result.timings.get("predict"),
+                load_s=result.timings.get("load"), peak_gpu_mb=_peak_memory_mb(accelerator, reset=False),
+                steps=result.train.steps if result.train else None, trainable_parameters=result.trainable_parameters,
+                precision=result.precision, seed=result.config.seed,
             )  # fmt: skip
         except Exception as err:  # noqa: BLE001 - one method failing on one task must not end the run
             logger.warning("%s on %s failed: %s: %s", variant.name, spec.key, type(err).__name__, err)

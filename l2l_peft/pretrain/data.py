@@ -65,9 +65,11 @@ class BalancedSampler:
         self, datasets: list[LabelledDataset], *, batch_size: int, device: torch.device, seed: int, rank: int
     ) -> None:
         self.sources = [
-            Source(ds.name, ds.images.to(device), ds.labels.to(device), build_objective(ds.target, ds.classes, ds.labels))
+            Source(
+                ds.name, ds.images.to(device), ds.labels.to(device), build_objective(ds.target, ds.classes, ds.labels)
+            )
             for ds in datasets
-        ]  # fmt: skip
+        ]
         self.per_source = max(1, batch_size // len(self.sources))
         self.generator = torch.Generator(device)
         self.seed, self.rank = seed, rank
