@@ -33,7 +33,9 @@ REPO_CACHE = Path(__file__).resolve().parent / "hf_cache"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", action="append", help=f"hub id or saved local directory; repeatable (default: {DEFAULT_MODEL})")
+    parser.add_argument(
+        "--model", action="append", help=f"hub id or saved local directory; repeatable (default: {DEFAULT_MODEL})"
+    )
     parser.add_argument("--cache", type=Path, default=REPO_CACHE, help="cache directory to fill (default: hf_cache/)")
     parser.add_argument("--revision", help="hub branch, tag or commit (default: main); applies to every hub --model")
     parser.add_argument("--no-default", action="store_true", help="keep the manifest's current default model")
@@ -48,14 +50,20 @@ def prefetch(name: str, cache: Path, *, revision: str | None, make_default: bool
     if _is_local(name):
         source = Path(name).expanduser()
         if not source.is_dir():
-            raise PrefetchError(f"{source} is not a directory (local models are directories saved with save_pretrained)")
+            raise PrefetchError(
+                f"{source} is not a directory (local models are directories saved with save_pretrained)"
+            )
         model_id, revision = f"local/{source.resolve().name}", "local"
         directory = copy_local(source, model_id, cache)
     else:
         model_id = name
         directory, revision = fetch_hub(name, cache, revision)
     found = probe_offline(directory)
-    entry = describe(directory, cache) | {"revision": revision, "parameters": found.parameters, "feature_dim": found.feature_dim}
+    entry = describe(directory, cache) | {
+        "revision": revision,
+        "parameters": found.parameters,
+        "feature_dim": found.feature_dim,
+    }
     manifest = record(cache, model_id, entry, make_default=make_default)
     size = sum(f["size"] for f in entry["files"].values())
     default = " (default)" if manifest["default"] == model_id else ""

@@ -81,7 +81,11 @@ def run_adapt(name: str, arch: str, model_dir: Path, support: int, query: int, s
     data = load_task(make_task(support, query, size))
     flops_data = load_task(make_task(support, 1, size))
     # bf16 storage of frozen tensors: "stream" (the default), "matmuls" (float32 residual stream) or "none"
-    cast = {"stream": api.cast_frozen, "matmuls": functools.partial(api.cast_frozen, stream=False), "none": lambda *a: 0}[storage]
+    cast = {
+        "stream": api.cast_frozen,
+        "matmuls": functools.partial(api.cast_frozen, stream=False),
+        "none": lambda *a: 0,
+    }[storage]
     patch = mock.patch.object(api, "cast_frozen", cast)
     best = None
     with patch:
@@ -100,10 +104,25 @@ def run_adapt(name: str, arch: str, model_dir: Path, support: int, query: int, s
     report = result.train
     rate = report.steps * flops / report.seconds / 1e12
     return Row(
-        name, arch, support, query, report.batch_size, report.steps,
-        result.timings["load"], result.timings["adapt"], result.timings["predict"], report.seconds, result.timings["total"],
-        None, report.images_per_second, flops / 1e9, rate, rate / peak, memory, f"members {result.methods}",
-    )  # fmt: skip
+        name,
+        arch,
+        support,
+        query,
+        report.batch_size,
+        report.steps,
+        result.timings["load"],
+        result.timings["adapt"],
+        result.timings["predict"],
+        report.seconds,
+        result.timings["total"],
+        None,
+        report.images_per_second,
+        flops / 1e9,
+        rate,
+        rate / peak,
+        memory,
+        f"members {result.methods}",
+    )
 
 
 def run_cli(name: str, arch: str, model_dir: Path, support: int, query: int, size: int, work: Path, extra: list[str],
@@ -120,15 +139,23 @@ def run_cli(name: str, arch: str, model_dir: Path, support: int, query: int, siz
     for _ in range(runs):
         out.unlink(missing_ok=True)
         start = time.perf_counter()
-        proc = subprocess.run([python, "-m", "l2l_peft", str(task), str(out), "--model", str(model_dir), "--strict", *extra],
-                              capture_output=True, text=True, env=env)  # fmt: skip
+        proc = subprocess.run(
+            [python, "-m", "l2l_peft", str(task), str(out), "--model", str(model_dir), "--strict", *extra],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
         walls.append(time.perf_counter() - start)
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(f"CLI failed ({proc.returncode}): {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
         logs.append(proc.stdout)
     best = min(range(1, runs), key=walls.__getitem__) if runs > 1 else 0
     phases = next((line.split("timings: ", 1)[1] for line in logs[best].splitlines() if "timings: " in line), None)
-    note = f"{python} -m l2l_peft, process start to output written; runs {', '.join(f'{w:.2f}' for w in walls)} s (the first fills the bytecode cache)"
+    runs_s = ", ".join(f"{w:.2f}" for w in walls)
+    note = (
+        f"{python} -m l2l_peft, process start to output written; runs {runs_s} s (the first fills the bytecode cache)"
+    )
     return Row(name, arch, support, query, cli_s=walls[best], note=note + (f"; best: {phases}" if phases else ""))
 
 
@@ -147,7 +174,9 @@ class Reference:
     sync_every_step: bool = False  # loss.item() each step (logging)
 
 
-def run_reference(name: str, arch: str, model_dir: Path, support: int, query: int, size: int, peak: float, ref: Reference) -> Row:
+def run_reference(
+    name: str, arch: str, model_dir: Path, support: int, query: int, size: int, peak: float, ref: Reference
+) -> Row:
     import peft
     from accelerate import Accelerator
     from transformers import ViTModel
@@ -217,8 +246,15 @@ def plan(smoke: bool) -> tuple[list[tuple], list[tuple], list[tuple]]:
     """(adapt rows, reference rows, CLI rows) as (name, arch, support, query, options)."""
     if smoke:
         small = dict(max_steps=3, min_steps=3)
-        adapt = [("smoke default", "tiny", 10, 20, small), ("smoke prefix", "tiny", 10, 20, {**small, "lora_last_blocks": 1})]
-        return adapt, [("smoke reference", "tiny", 10, 20, Reference(steps=3))], [("smoke cli", "tiny", 10, 20, ["--max-steps", "3"])]
+        adapt = [
+            ("smoke default", "tiny", 10, 20, small),
+            ("smoke prefix", "tiny", 10, 20, {**small, "lora_last_blocks": 1}),
+        ]
+        return (
+            adapt,
+            [("smoke reference", "tiny", 10, 20, Reference(steps=3))],
+            [("smoke cli", "tiny", 10, 20, ["--max-steps", "3"])],
+        )
     adapt = [(f"default {a} s{s}", a, s, 500, {}) for a in ("vit-s16", "vit-b16", "vit-l16") for s in (10, 50, 200)]
     adapt += [
         ("default vit-b16 s500", "vit-b16", 500, 500, {}),
@@ -260,7 +296,10 @@ def markdown(rows: list[Row], peak: float, device: str, command: str) -> str:
         f"Device: {device}; bf16 8192^3 matmul peak measured in this run: {peak:.0f} TFLOP/s.",
         f"Command: `{command}`",
         "",
-        "| row | support | query | batch | steps | load s | adapt s | predict s | train img/s | TFLOP/s | % peak | GPU GB | CLI s |",
+        (
+            "| row | support | query | batch | steps | load s | adapt s | predict s | train img/s | TFLOP/s | % peak "
+            "| GPU GB | CLI s |"
+        ),
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
@@ -269,7 +308,8 @@ def markdown(rows: list[Row], peak: float, device: str, command: str) -> str:
             continue
         lines.append(
             f"| {r.name} | {r.support} | {r.query} | {r.batch} | {r.steps} | {r.load_s:.2f} | {r.adapt_s:.2f} | "
-            f"{r.predict_s:.2f} | {r.images_per_s:,.0f} | {r.tflops:.0f} | {100 * r.peak_fraction:.0f}% | {r.memory_gb:.1f} | |"
+            f"{r.predict_s:.2f} | {r.images_per_s:,.0f} | {r.tflops:.0f} | {100 * r.peak_fraction:.0f}% "
+            f"| {r.memory_gb:.1f} | |"
         )
     phases = [f"- {r.name}: {r.note.split('; ', 1)[1]}" for r in rows if r.cli_s is not None and "; " in r.note]
     return "\n".join(lines + (["", "CLI phases (from its log):", *phases] if phases else [])) + "\n"
@@ -281,8 +321,12 @@ def main() -> None:
     parser.add_argument("--models", type=Path, default=Path("/tmp/bench_models"))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="tiny models and steps (checks the script, not speed)")
-    parser.add_argument("--cli-runs", type=int, default=3, help="processes per CLI row (the first fills the bytecode cache)")
-    parser.add_argument("--cli-python", default=sys.executable, help="interpreter of the CLI rows (e.g. a slim_env.py venv)")
+    parser.add_argument(
+        "--cli-runs", type=int, default=3, help="processes per CLI row (the first fills the bytecode cache)"
+    )
+    parser.add_argument(
+        "--cli-python", default=sys.executable, help="interpreter of the CLI rows (e.g. a slim_env.py venv)"
+    )
     parser.add_argument("--only", default="", help="comma-separated: run only rows whose name contains one of these")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -291,8 +335,11 @@ def main() -> None:
     peak = matmul_peak(256 if args.smoke else 8192)
     print(f"{device}: matmul peak {peak:.0f} TFLOP/s", flush=True)
     adapt_rows, ref_rows, cli_rows = plan(args.smoke)
-    pick = lambda rows: [r for r in rows if any(k in r[0] for k in args.only.split(","))]  # noqa: E731
-    dirs = {arch: save_model(arch, args.models, size) for arch in dict.fromkeys(r[1] for r in adapt_rows + ref_rows + cli_rows)}
+    pick = lambda rows: [r for r in rows if any(k in r[0] for k in args.only.split(","))]
+    dirs = {
+        arch: save_model(arch, args.models, size)
+        for arch in dict.fromkeys(r[1] for r in adapt_rows + ref_rows + cli_rows)
+    }
     for arch, directory in dirs.items():  # warm-up: CUDA context, cuBLAS handles, the cached pristine backbone
         api.run(load_task(make_task(10, 10, size)), model=str(directory), max_steps=2, min_steps=2)
 
@@ -300,24 +347,33 @@ def main() -> None:
     command = "python benchmarks/bench_adapt.py " + " ".join(sys.argv[1:])
     meta = {"device": device, "matmul_peak_tflops": peak, "command": command, "torch": torch.__version__}
 
-    def record(name: str, measure) -> None:  # one failing row must not lose the others
+    def record(name: str, measure) -> None:
         try:
             rows.append(measure())
             print(rows[-1], flush=True)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:  # noqa: BLE001 - one failing row must not lose the others
             print(f"ROW FAILED {name}: {type(err).__name__}: {err}", flush=True)
         # rewritten after every row, so a run stopped by a time limit keeps what it measured
-        (args.out / "bench_adapt.json").write_text(json.dumps({**meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1))
+        (args.out / "bench_adapt.json").write_text(
+            json.dumps({**meta, "rows": [dataclasses.asdict(r) for r in rows]}, indent=1)
+        )
         (args.out / "bench_adapt.md").write_text(markdown(rows, peak, device, command))
 
     for name, arch, support, query, ref in pick(ref_rows):
-        record(name, lambda: run_reference(name, arch, dirs[arch], support, query, size, peak, ref))
+        record(name, functools.partial(run_reference, name, arch, dirs[arch], support, query, size, peak, ref))
     for name, arch, support, query, options in pick(adapt_rows):
         options = dict(options)
         storage = options.pop("storage", "stream")
-        record(name, lambda: run_adapt(name, arch, dirs[arch], support, query, size, peak, args.repeats, options, storage=storage))
+        measure = functools.partial(
+            run_adapt, name, arch, dirs[arch], support, query, size, peak, args.repeats, options, storage=storage
+        )
+        record(name, measure)
     for name, arch, support, query, extra in pick(cli_rows):
-        record(name, lambda: run_cli(name, arch, dirs[arch], support, query, size, args.models, extra, runs=2 if args.smoke else args.cli_runs, python=args.cli_python))
+        runs = 2 if args.smoke else args.cli_runs
+        measure = functools.partial(
+            run_cli, name, arch, dirs[arch], support, query, size, args.models, extra, runs=runs, python=args.cli_python
+        )
+        record(name, measure)
 
     print(markdown(rows, peak, device, command))
 

@@ -38,14 +38,26 @@ THROUGHPUT = re.compile(r"ran (\d+) tasks in ([\d.]+)s on (\d+) process")
 def launch(processes: int, module: str, args: list[str], log: Path, cpu: bool) -> float:
     """`accelerate launch` on the first `processes` GPUs (or CPU processes); returns wall seconds, raises on failure."""
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--num_machines", "1",
-        "--mixed_precision", "no" if cpu else "bf16", "--dynamo_backend", "no", *(["--multi_gpu"] if processes > 1 else []),
-        "-m", module, *args,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no" if cpu else "bf16",
+        "--dynamo_backend",
+        "no",
+        *(["--multi_gpu"] if processes > 1 else []),
+        "-m",
+        module,
+        *args,
+    ]
     # keeps the rest of the environment (NCCL_NVLS_ENABLE=0 on the GPU machines)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "" if cpu else ",".join(map(str, range(processes)))}
     start = time.perf_counter()
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
     log.write_text(proc.stdout + proc.stderr)
     if proc.returncode:
@@ -57,10 +69,16 @@ def experiments(out: Path, data: Path, tasks: int, repeat: bool, smoke: bool) ->
     config = {
         "model": None,
         "cpu": smoke,
-        "suite": {"seed": 0, "shots": [1] if smoke else [1, 5, 10, 20], "tasks": tasks, "query_per_class": 2 if smoke else 10,
-                  "split": "test", "sources": [{"kind": "npz", "path": str(data), "exclude": ["lc25000_lung_histo"]}]},
+        "suite": {
+            "seed": 0,
+            "shots": [1] if smoke else [1, 5, 10, 20],
+            "tasks": tasks,
+            "query_per_class": 2 if smoke else 10,
+            "split": "test",
+            "sources": [{"kind": "npz", "path": str(data), "exclude": ["lc25000_lung_histo"]}],
+        },
         "methods": [{"name": "lora", **({"params": {"max_steps": 2, "min_steps": 1}} if smoke else {})}],
-    }  # fmt: skip
+    }
     path = out / "experiments.yaml"
     path.write_text(yaml.safe_dump(config))
     runs = {}
@@ -84,24 +102,39 @@ def experiments(out: Path, data: Path, tasks: int, repeat: bool, smoke: bool) ->
     return runs
 
 
-def pretraining(out: Path, data: Path, steps: int, layouts: list[tuple[int, int]], seed: int, compile_: bool, smoke: bool) -> dict:
+def pretraining(
+    out: Path, data: Path, steps: int, layouts: list[tuple[int, int]], seed: int, compile_: bool, smoke: bool
+) -> dict:
     """Each (processes, images per process and step) layout; the first is the baseline of speed-up and loss."""
     base = yaml.safe_load((REPO / "configs" / "pretrain" / "vit_tiny_med.yaml").read_text())
     runs = {}
     for processes, per_process in layouts:
         name = f"{processes} GPU{'s' if processes > 1 else ''} x {per_process}"
         slug = name.replace(" ", "_")
-        config = base | {"batch_size": per_process, "steps": steps, "seed": seed, "compile": compile_, "log_every": 1 if smoke else 25, "checkpoint_every": steps,
-                         "warmup_steps": 2 if smoke else 50, "sources": [{"kind": "npz", "path": str(data)}]}  # fmt: skip
+        config = base | {
+            "batch_size": per_process,
+            "steps": steps,
+            "seed": seed,
+            "compile": compile_,
+            "log_every": 1 if smoke else 25,
+            "checkpoint_every": steps,
+            "warmup_steps": 2 if smoke else 50,
+            "sources": [{"kind": "npz", "path": str(data)}],
+        }
         config |= {"image_size": 32, "patch_size": 8, "precision": "no"} if smoke else {}
         path = out / f"pretrain_{slug}.yaml"
         path.write_text(yaml.safe_dump(config))
         args = [str(path), "--output", str(out / f"pretrain_{slug}"), "--no-resume", *(["--cpu"] if smoke else [])]
         wall = launch(processes, "l2l_peft.pretrain", args, out / f"pretrain_{slug}.log", smoke)
         log = [json.loads(line) for line in (out / f"pretrain_{slug}" / "log.jsonl").read_text().splitlines()]
-        runs[name] = {"processes": processes, "global_batch": processes * per_process, "wall_s": round(wall, 1),
-                      "loss": [r["loss"] for r in log], "steps": [r["step"] for r in log],
-                      "images_per_s": statistics.median(r["images_per_s"] for r in log[1:])}  # fmt: skip (the first window holds warm-up)
+        runs[name] = {
+            "processes": processes,
+            "global_batch": processes * per_process,
+            "wall_s": round(wall, 1),
+            "loss": [r["loss"] for r in log],
+            "steps": [r["step"] for r in log],
+            "images_per_s": statistics.median(r["images_per_s"] for r in log[1:]),
+        }  # fmt: skip (the first window holds warm-up)
     first = next(iter(runs.values()))
     for run in runs.values():
         run["speedup"] = run["images_per_s"] / first["images_per_s"]
@@ -113,18 +146,36 @@ def pretraining(out: Path, data: Path, steps: int, layouts: list[tuple[int, int]
 def markdown(result: dict) -> str:
     lines = [f"Device: {result['device']}; torch {result['torch']}; command: `{result['command']}`"]
     if "experiments" in result:
-        lines += ["", "| experiments | processes | tasks | task loop s | tasks/s | speed-up | same rows | metrics differing / compared | max difference | wall s |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
+        lines += [
+            "",
+            (
+                "| experiments | processes | tasks | task loop s | tasks/s | speed-up | same rows "
+                "| metrics differing / compared | max difference | wall s |"
+            ),
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+        ]
     for name, r in result.get("experiments", {}).items():
-        lines.append(f"| {name} | {r['processes']} | {r['tasks']} | {r['task_loop_s']:.1f} | {r['tasks_per_s']:.2f} | {r['speedup']:.2f}x | "
-                     f"{r['same_rows']} | {r['metrics_differing']} / {r['metrics_compared']} | {r['max_metric_diff']:.2g} | {r['wall_s']} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {r['processes']} | {r['tasks']} | {r['task_loop_s']:.1f} | {r['tasks_per_s']:.2f} "
+            f"| {r['speedup']:.2f}x | {r['same_rows']} | {r['metrics_differing']} / {r['metrics_compared']} "
+            f"| {r['max_metric_diff']:.2g} | {r['wall_s']} |"
+        )
     if "pretraining" in result:
-        lines += ["", "| pretraining | global batch | median images/s | speed-up | largest loss difference to the first row | loss at each logged step | wall s |",
-                  "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]  # fmt: skip
+        lines += [
+            "",
+            (
+                "| pretraining | global batch | median images/s | speed-up | largest loss difference to the first row "
+                "| loss at each logged step | wall s |"
+            ),
+            "| --- | ---: | ---: | ---: | ---: | --- | ---: |",
+        ]
     for name, r in result.get("pretraining", {}).items():
         losses = ", ".join(f"{x:.3f}" for x in r["loss"])
         diff = f"{r['max_relative_loss_diff']:.1%}" if "max_relative_loss_diff" in r else "(other batch)"
-        lines.append(f"| {name} | {r['global_batch']} | {r['images_per_s']:,.0f} | {r['speedup']:.2f}x | {diff} | {losses} | {r['wall_s']} |")
+        lines.append(
+            f"| {name} | {r['global_batch']} | {r['images_per_s']:,.0f} | {r['speedup']:.2f}x | {diff} | {losses} "
+            f"| {r['wall_s']} |"
+        )
     return "\n".join(lines)
 
 
@@ -137,7 +188,9 @@ def main() -> None:
     parser.add_argument("--layouts", default="1x512,2x256,1x256,2x512",
                         help="pretraining runs as PROCESSESxBATCH_PER_PROCESS; the first is the baseline")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="pretrain with PretrainConfig.compile")
-    parser.add_argument("--seed", type=int, default=0, help="pretraining seed (another seed shows the run-to-run spread of the loss)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="pretraining seed (another seed shows the run-to-run spread of the loss)"
+    )
     parser.add_argument("--repeat", action="store_true", help="repeat the 1-GPU experiments run")
     parser.add_argument("--only", default="experiments,pretraining")
     parser.add_argument("--smoke", action="store_true", help="CPU check of the script (1 task per cell, 4 steps)")
@@ -150,10 +203,14 @@ def main() -> None:
     device = "CPU (smoke)" if args.smoke else torch.cuda.get_device_name()
     result = {"device": device, "torch": torch.__version__, "command": " ".join(sys.argv)}
     if "experiments" in args.only:
-        result["experiments"] = experiments(args.out, args.data.resolve(), 1 if args.smoke else args.tasks, args.repeat, args.smoke)
+        result["experiments"] = experiments(
+            args.out, args.data.resolve(), 1 if args.smoke else args.tasks, args.repeat, args.smoke
+        )
     if "pretraining" in args.only:
         steps = 4 if args.smoke else args.steps
-        result["pretraining"] = pretraining(args.out, args.data.resolve(), steps, layouts, args.seed, args.compile, args.smoke)
+        result["pretraining"] = pretraining(
+            args.out, args.data.resolve(), steps, layouts, args.seed, args.compile, args.smoke
+        )
     (args.out / "multi_gpu.json").write_text(json.dumps(result, indent=2))
     print(markdown(result))
 

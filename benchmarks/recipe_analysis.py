@@ -17,15 +17,17 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+import common  # noqa: F401  (the checkout's l2l_peft first on sys.path)
 import torch
 from torchcross.data.task import TaskTarget
+from transductive import TransductiveConfig, refine
 
-import common  # noqa: F401  (the checkout's l2l_peft first on sys.path)
+from l2l_peft.config import AdaptConfig
 from l2l_peft.experiments.metrics import task_metrics
 from l2l_peft.experiments.results import bootstrap
-from l2l_peft.frozen import ProbeConfig, fit_linear_probe, prototype_head
+from l2l_peft.frozen import fit_linear_probe, fit_prototypes
+from l2l_peft.head import Head
 from l2l_peft.targets import build_objective
-from transductive import TransductiveConfig, refine
 
 Record = dict
 Candidate = Callable[[Record], torch.Tensor]
@@ -62,7 +64,9 @@ def feats(r: Record, source: str) -> tuple[torch.Tensor, torch.Tensor]:
         return r["frozen"]["support"].float(), r["frozen"]["query"].float()
     if source == "frozen_tta":
         f = r["frozen"]
-        return (f["support"].float() + f["support_flip"].float()) / 2, (f["query"].float() + f["query_flip"].float()) / 2
+        return (f["support"].float() + f["support_flip"].float()) / 2, (
+            f["query"].float() + f["query_flip"].float()
+        ) / 2
     return r["runs"][source]["support"].float(), r["runs"][source]["query"].float()
 
 
@@ -70,10 +74,14 @@ def frozen_rule(kind: str, source: str = "frozen") -> Candidate:
     def get(r: Record) -> torch.Tensor:
         objective = objective_of(r)
         support, query = feats(r, source)
+        head = Head(support.shape[1], objective.n_logits)
         if kind == "prototypes":
-            head = prototype_head(objective, support, r["support_labels"])
+            fit_prototypes(head, objective, support, r["support_labels"])
         else:
-            head = fit_linear_probe(objective, support, r["support_labels"], ProbeConfig())
+            defaults = AdaptConfig()
+            fit_linear_probe(
+                head, objective, support, r["support_labels"], l2=defaults.probe_l2, max_iter=defaults.probe_max_iter
+            )
         with torch.no_grad():
             return objective.probabilities(head(query))
 
@@ -107,7 +115,9 @@ def candidates() -> dict[str, Candidate]:
     out["probe(lora feats)"] = frozen_rule("probe", "lora")
     out["lora+full"] = mean_of(stored("lora"), stored("full"))
     out["lora+full+flip"] = mean_of(stored("lora", tta=True), stored("full", tta=True))
-    out["lora+lora_all+full+flip"] = mean_of(stored("lora", tta=True), stored("lora_all", tta=True), stored("full", tta=True))
+    out["lora+lora_all+full+flip"] = mean_of(
+        stored("lora", tta=True), stored("lora_all", tta=True), stored("full", tta=True)
+    )
     out["lora+probe"] = mean_of(stored("lora"), frozen_rule("probe"))
     for name in ("lora_lr3e-3", "lora_long", "full_lr1e-4"):
         out[name] = stored(name)
@@ -123,17 +133,21 @@ def candidates() -> dict[str, Candidate]:
         out[f"trans lora feats from lora w{w}"] = transductive("lora", stored("lora"), cfg)
     cfg = TransductiveConfig()
     out["trans lora feats from lora+flip"] = transductive("lora", stored("lora", tta=True), cfg)
-    out["mean(lora+flip, trans)"] = mean_of(stored("lora", tta=True), transductive("lora", stored("lora", tta=True), cfg))
+    out["mean(lora+flip, trans)"] = mean_of(
+        stored("lora", tta=True), transductive("lora", stored("lora", tta=True), cfg)
+    )
     out["trans frozen from lora+full+flip"] = transductive(
         "frozen_tta", mean_of(stored("lora", tta=True), stored("full", tta=True)), cfg
     )
     return out
 
 
-def table(scores: dict[str, dict[str, float]], records: list[Record], reference: str, group: Callable[[Record], object]) -> str:
+def table(
+    scores: dict[str, dict[str, float]], records: list[Record], reference: str, group: Callable[[Record], object]
+) -> str:
     keys = {r["key"]: r for r in records}
     groups = sorted({group(r) for r in records}, key=str)
-    lines = [f"| candidate | " + " | ".join(f"{g}" for g in groups) + " |", "|---|" + "---|" * len(groups)]
+    lines = ["| candidate | " + " | ".join(f"{g}" for g in groups) + " |", "|---|" + "---|" * len(groups)]
     for name, per_task in scores.items():
         cells = []
         for g in groups:

@@ -19,20 +19,26 @@ import dataclasses
 import time
 from pathlib import Path
 
+import common  # noqa: F401  (the checkout's l2l_peft first on sys.path)
 import torch
 
-import common  # noqa: F401  (the checkout's l2l_peft first on sys.path)
 from l2l_peft.api import fit
 from l2l_peft.backbone import load_backbone
 from l2l_peft.config import AdaptConfig
 from l2l_peft.experiments.config import SuiteConfig
 from l2l_peft.experiments.suites import Suite
-from l2l_peft.frozen import features
-from l2l_peft.predict import predict
+from l2l_peft.predict import features, predict
 from l2l_peft.train import make_accelerator
 
 # Datasets the shipped l2l-vit-tiny-med never saw (its model card lists the six it was trained on).
-UNSEEN = ["isic_skin_8class", "pbc_blood_cells", "lung_ultrasound_pocus", "covid_ct_ucsd", "kidney_ct_4class", "alzheimer_mri_4class"]
+UNSEEN = [
+    "isic_skin_8class",
+    "pbc_blood_cells",
+    "lung_ultrasound_pocus",
+    "covid_ct_ucsd",
+    "kidney_ct_4class",
+    "alzheimer_mri_4class",
+]
 RECIPES: dict[str, dict] = {
     "lora": {"method": "lora"},
     "full": {"method": "full"},
@@ -60,11 +66,13 @@ def study_task(data, seed: int, model: str | None, recipes: list[str]) -> dict:
 
     record = {
         "frozen": {
-            "support": feats(extractor, data.support_images), "query": feats(extractor, data.query_images),
-            "support_flip": feats(extractor, flip(data.support_images)), "query_flip": feats(extractor, flip(data.query_images)),
+            "support": feats(extractor, data.support_images),
+            "query": feats(extractor, data.query_images),
+            "support_flip": feats(extractor, flip(data.support_images)),
+            "query_flip": feats(extractor, flip(data.query_images)),
         },
         "runs": {},
-    }  # fmt: skip
+    }
     for name in recipes:
         config = dataclasses.replace(base, **RECIPES[name])
         start = time.monotonic()
@@ -73,10 +81,19 @@ def study_task(data, seed: int, model: str | None, recipes: list[str]) -> dict:
             torch.cuda.synchronize()
         seconds = time.monotonic() - start
         run = {
-            "probs": predict(fitted.model, fitted.objective, data.query_images, accelerator=fitted.accelerator, batch_size=batch),
-            "probs_flip": predict(fitted.model, fitted.objective, flip(data.query_images), accelerator=fitted.accelerator, batch_size=batch),
-            "seconds": seconds, "steps": fitted.report.steps,
-        }  # fmt: skip
+            "probs": predict(
+                fitted.model, fitted.objective, data.query_images, accelerator=fitted.accelerator, batch_size=batch
+            ),
+            "probs_flip": predict(
+                fitted.model,
+                fitted.objective,
+                flip(data.query_images),
+                accelerator=fitted.accelerator,
+                batch_size=batch,
+            ),
+            "seconds": seconds,
+            "steps": fitted.report.steps,
+        }
         if name == FEATURES_OF:
             ex = fitted.model.extractor
             run |= {"support": feats(ex, data.support_images), "query": feats(ex, data.query_images)}
@@ -96,7 +113,9 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="backbone (default: the cache's default)")
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--max-minutes", type=float, default=8.0)
-    parser.add_argument("--chunk", type=int, default=25, help="tasks per output file (a GPU call returns files of <= 16 MiB)")
+    parser.add_argument(
+        "--chunk", type=int, default=25, help="tasks per output file (a GPU call returns files of <= 16 MiB)"
+    )
     args = parser.parse_args()
 
     suite = Suite(SuiteConfig(

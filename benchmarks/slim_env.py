@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import sysconfig
-import tomllib
 import venv
 from importlib import metadata
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parent.parent

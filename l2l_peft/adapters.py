@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .config import AdaptConfig, Method
+from .config import AdaptConfig, LoraTargets, Method
 
 _LEAF_ROLES = {
     "q_proj": "q", "query": "q",
@@ -24,10 +24,10 @@ _LEAF_ROLES = {
     "fc1": "mlp", "fc2": "mlp",
 }  # fmt: skip
 _PRESETS = {
-    "qv": {"q", "v", "qkv"},
-    "qkv": {"q", "k", "v", "qkv"},
-    "attn": {"q", "k", "v", "qkv", "o"},
-    "all": {"q", "k", "v", "qkv", "o", "mlp"},
+    LoraTargets.QV: {"q", "v", "qkv"},
+    LoraTargets.QKV: {"q", "k", "v", "qkv"},
+    LoraTargets.ATTN: {"q", "k", "v", "qkv", "o"},
+    LoraTargets.ALL: {"q", "k", "v", "qkv", "o", "mlp"},
 }
 _BLOCK = re.compile(r"^(.*\.\d+)\.")
 _PEFT_METHODS = {Method.LORA, Method.DORA, Method.LOHA, Method.LOKR, Method.IA3, Method.VERA}
@@ -38,21 +38,24 @@ def _role(name: str) -> str | None:
     leaf = name.rsplit(".", 1)[-1]
     if leaf in _LEAF_ROLES:
         return _LEAF_ROLES[leaf]
-    if name.endswith("attention.output.dense") or name.endswith("attn.proj"):
+    if name.endswith(("attention.output.dense", "attn.proj")):
         return "o"
-    if name.endswith("intermediate.dense") or name.endswith("output.dense"):
+    if name.endswith(("intermediate.dense", "output.dense")):
         return "mlp"
     return None
 
 
-def find_target_modules(model: nn.Module, preset: str = "qv", last_blocks: int | None = None) -> list[str]:
+def find_target_modules(
+    model: nn.Module, preset: LoraTargets | str = LoraTargets.QV, last_blocks: int | None = None
+) -> list[str]:
     """Full names of the Linear layers a preset covers, optionally only in the last k blocks."""
+    preset = LoraTargets(preset)
     wanted = _PRESETS[preset]
     linear = [(name, _role(name)) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     chosen = [name for name, role in linear if role in wanted and _BLOCK.match(name)]
     if not chosen:
         raise ValueError(
-            f"no {preset} projections found among the model's Linear layers "
+            f"no {preset.value} projections found among the model's Linear layers "
             f"({', '.join(n for n, _ in linear[:6])}, ...); this architecture is not supported for adapters"
         )
     if last_blocks is not None:
@@ -98,7 +101,7 @@ def apply_method(backbone_model: nn.Module, config: AdaptConfig) -> nn.Module:
         import peft
 
         if method is Method.IA3:  # IA3 rescales keys, values and the MLP output, as in its paper
-            found = find_target_modules(backbone_model, "all", config.lora_last_blocks)
+            found = find_target_modules(backbone_model, LoraTargets.ALL, config.lora_last_blocks)
             targets = [t for t in found if _role(t) in ("k", "v", "qkv") or t.endswith(("fc2", "mlp.output.dense"))]
         else:
             targets = find_target_modules(backbone_model, config.lora_targets, config.lora_last_blocks)
@@ -112,8 +115,8 @@ def apply_method(backbone_model: nn.Module, config: AdaptConfig) -> nn.Module:
                     param.requires_grad_(True)
         case Method.FULL:
             backbone_model.requires_grad_(True)
-        case Method.HEAD:
-            pass
+        case Method.HEAD | Method.PROTOTYPES | Method.LINEAR_PROBE:
+            pass  # only the head is fitted
         case other:
             raise ValueError(f"method {other.value} is built by the VPT module, not here")
     return backbone_model

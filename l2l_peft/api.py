@@ -1,4 +1,4 @@
-"""adapt(): task -> backbone -> adapters + head -> train -> predict."""
+"""adapt(): task -> backbone -> adapters + head -> train -> predict; the one door for every method."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from accelerate.utils import set_seed
 
 from .adapters import apply_method, trainable_parameters
 from .backbone import FeatureExtractor, cast_frozen, load_backbone
-from .config import AdaptConfig, Method, make_config
+from .config import AdaptConfig, HeadInit, Method, make_config
+from .frozen import FEATURE_METHODS, fit_head, fit_prototypes
 from .head import Classifier, Head
-from .predict import fill_with_prior, predict
+from .predict import features, fill_with_prior, predict
 from .targets import Objective, build_objective, output_size
 from .task import TaskData, load_task
 from .train import TrainReport, make_accelerator, train
@@ -45,17 +46,13 @@ def build_classifier(extractor: FeatureExtractor, objective: Objective, config: 
     return Classifier(extractor, Head(extractor.feature_dim, objective.n_logits))
 
 
-@torch.no_grad()
-def init_head(model: Classifier, objective: Objective, images: torch.Tensor, labels: torch.Tensor, *, accelerator, batch_size: int) -> None:
-    positives = objective.positives(labels)
-    if positives is None:
-        return
-    model.eval()
-    features = []
-    for chunk in images.split(batch_size):
-        with accelerator.autocast():
-            features.append(model.extractor(chunk.to(accelerator.device)).float())
-    model.head.init_from_prototypes(torch.cat(features), positives.to(accelerator.device))
+def init_head(
+    model: Classifier, objective: Objective, images: torch.Tensor, labels: torch.Tensor, *, accelerator, batch_size: int
+) -> None:
+    """Start the head from the prototype rule of the support (no-op for regression, which has no classes)."""
+    if objective.positives(labels) is not None:
+        support = features(model.extractor, images, accelerator=accelerator, batch_size=batch_size)
+        fit_prototypes(model.head, objective, support, labels)
 
 
 @dataclass
@@ -65,24 +62,35 @@ class Fitted:
     model: Classifier
     objective: Objective
     accelerator: Any  # accelerate.Accelerator
-    report: TrainReport
+    report: TrainReport | None  # None for the frozen-feature methods, which do not train
     trainable_parameters: int
     loaded_at: float  # time.monotonic() when the backbone was loaded (training starts after it)
 
 
 def fit(data: TaskData, config: AdaptConfig, *, deadline: float | None = None) -> Fitted:
-    """Load the backbone, attach the method and a head, train on the support set."""
+    """Load the backbone, attach the method and a head, train on the support set (the frozen-feature
+    methods fit the head on the support features instead)."""
     accelerator = make_accelerator(config)
     set_seed(config.seed)
     extractor = load_backbone(config.model, config.cache_dir)
     loaded = time.monotonic()
     objective = build_objective(data.target, data.classes, data.support_labels)
     model = build_classifier(extractor, objective, config).to(accelerator.device)
+    n_trainable = trainable_parameters([model])
+    if config.methods[0] in FEATURE_METHODS:
+        fit_head(model, objective, data.support_images, data.support_labels, config=config, accelerator=accelerator)
+        return Fitted(model, objective, accelerator, None, n_trainable, loaded)
     if accelerator.mixed_precision == "bf16":
         cast_frozen(model, torch.bfloat16)
-    n_trainable = trainable_parameters([model])
-    if config.head_init == "prototype":
-        init_head(model, objective, data.support_images, data.support_labels, accelerator=accelerator, batch_size=config.predict_batch_size)
+    if config.head_init is HeadInit.PROTOTYPE:
+        init_head(
+            model,
+            objective,
+            data.support_images,
+            data.support_labels,
+            accelerator=accelerator,
+            batch_size=config.predict_batch_size,
+        )
     report = train(
         model, objective, data.support_images, data.support_labels,
         config=config, accelerator=accelerator, deadline=deadline, predict_images=len(data.query_images),
@@ -105,15 +113,22 @@ def run(task: Any, config: AdaptConfig | None = None, **overrides: Any) -> Adapt
     deadline = start + config.time_budget if config.time_budget else None
     data = task if isinstance(task, TaskData) else load_task(task if not isinstance(task, Path) else str(task))
     accelerator = make_accelerator(config)
-    result = AdaptResult(torch.empty(0, output_size(data.target, data.classes)), config, precision=accelerator.mixed_precision)
+    result = AdaptResult(
+        torch.empty(0, output_size(data.target, data.classes)), config, precision=accelerator.mixed_precision
+    )
     if len(data.query_images) == 0:
         return result
 
-    total, used, predict_s, loaded = None, [], 0.0, start
+    total, used, predict_s, loaded, last = None, [], 0.0, start, 0.0
     for member in config.members():
         begun = time.monotonic()
         if used and deadline is not None and deadline - begun < ENSEMBLE_HEADROOM * last:
-            logger.info("ensemble: %s skipped, %.1fs of the budget left (a member took %.1fs)", member.method, deadline - begun, last)
+            logger.info(
+                "ensemble: %s skipped, %.1fs of the budget left (a member took %.1fs)",
+                member.method,
+                deadline - begun,
+                last,
+            )
             break
         fitted = fit(data, member, deadline=deadline)
         trained = time.monotonic()
@@ -138,7 +153,12 @@ def run(task: Any, config: AdaptConfig | None = None, **overrides: Any) -> Adapt
     result.probabilities = total / len(used)
     result.methods = "+".join(used)
     total_s = time.monotonic() - start  # adapt: every member's training (and later members' loads)
-    result.timings = {"load": loaded - start, "adapt": total_s - (loaded - start) - predict_s, "predict": predict_s, "total": total_s}
+    result.timings = {
+        "load": loaded - start,
+        "adapt": total_s - (loaded - start) - predict_s,
+        "predict": predict_s,
+        "total": total_s,
+    }
     return result
 
 

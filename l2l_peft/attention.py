@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import AbstractContextManager
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
@@ -48,7 +48,7 @@ def _flash_takes(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | No
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _has_flash(device_index: int | None) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 0)  # flash kernels need Ampere or newer
 
@@ -60,7 +60,9 @@ def flash_or_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
     if not _flash_takes(query, key, attention_mask):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     out = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout, False, False, scale=scaling)[0]
     return out.transpose(1, 2).contiguous(), None
 

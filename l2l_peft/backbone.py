@@ -116,7 +116,7 @@ def load_hf_model(source: ModelSource) -> tuple[nn.Module, dict[str, Any]]:
         config = AutoConfig.from_pretrained(source.location, **kwargs)
         extra = {"add_pooling_layer": False} if config.model_type in _NO_POOLER else {}
         model = _model_class(config.model_type).from_pretrained(source.location, **kwargs, **extra)
-    except Exception as err:  # noqa: BLE001 - a damaged directory fails with many types (safetensors' own among them)
+    except Exception as err:  # a damaged directory fails with many types (safetensors' own among them)
         hint = (
             f"`{source.location}` is not a model directory, or a damaged one (config.json and weights must load)"
             if Path(source.location).is_dir()
@@ -242,7 +242,9 @@ def cast_frozen(module: nn.Module, dtype: torch.dtype, *, stream: bool = True) -
                 cast += 1
         if stream and type(layer) is nn.LayerNorm and layer.weight is not None:
             layer.__class__ = _OwnDtypeLayerNorm
-        if stream and hasattr(layer, "_cast_input_dtype"):  # a peft layer would cast bf16 inputs up to its float32 adapters
+        if stream and hasattr(
+            layer, "_cast_input_dtype"
+        ):  # a peft layer would cast bf16 inputs up to its float32 adapters
             layer.cast_input_dtype_enabled = False
     return cast
 

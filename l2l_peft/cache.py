@@ -47,8 +47,12 @@ def fetch_hub(model_id: str, cache: Path, revision: str | None = None) -> tuple[
     """Download only the files loading needs; returns (directory, resolved commit)."""
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import (
-        GatedRepoError, HFValidationError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError,
-    )  # fmt: skip
+        GatedRepoError,
+        HFValidationError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         info = HfApi().model_info(model_id, revision=revision)
@@ -65,7 +69,9 @@ def fetch_hub(model_id: str, cache: Path, revision: str | None = None) -> tuple[
     except HFValidationError as err:
         raise PrefetchError(f"`{model_id}` is neither a local directory nor a valid hub id ({err})") from err
     except OfflineModeIsEnabled as err:
-        raise PrefetchError(f"cannot fetch `{model_id}`: HF_HUB_OFFLINE is set; unset it on a machine with internet") from err
+        raise PrefetchError(
+            f"cannot fetch `{model_id}`: HF_HUB_OFFLINE is set; unset it on a machine with internet"
+        ) from err
     except (OSError, *_network_errors()) as err:
         raise PrefetchError(f"cannot reach the Hugging Face Hub to fetch `{model_id}` (no network?): {err}") from err
     return target, str(info.sha)
@@ -122,8 +128,13 @@ def probe(directory: str | Path) -> Probe:
 def probe_offline(directory: Path) -> Probe:
     """probe() in a fresh interpreter with the hub switched off: proves the copy is self-contained."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    code = "import dataclasses, json, sys; from l2l_peft.cache import probe; print(json.dumps(dataclasses.asdict(probe(sys.argv[1]))))"
-    done = subprocess.run([sys.executable, "-c", code, str(directory)], env=env, capture_output=True, text=True)
+    code = (
+        "import dataclasses, json, sys; from l2l_peft.cache import probe; "
+        "print(json.dumps(dataclasses.asdict(probe(sys.argv[1]))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(directory)], env=env, capture_output=True, text=True, check=False
+    )
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise PrefetchError(f"offline load of {directory} failed: {last}")

@@ -27,11 +27,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from . import environment
-from .config import ENV_TIME_BUDGET, AdaptConfig
+from .config import AdaptConfig
 
 if TYPE_CHECKING:
     import torch
+    from typing_extensions import Self  # typing.Self needs Python 3.11
 
+    from .api import AdaptResult
     from .task import TaskData
 
 logger = logging.getLogger("l2l_peft")
@@ -39,6 +41,7 @@ logger = logging.getLogger("l2l_peft")
 CONTAINER_TIME_BUDGET = 600.0  # seconds; a safe whole-run default when neither flag nor env var sets one
 EXIT_BAD_INPUT, EXIT_NO_MODEL, EXIT_WRITE = 2, 3, 4
 MAX_ERROR = 500  # characters of an error line
+PRIOR = "the class prior of the support labels"
 
 
 def _fail(message: str, code: int) -> int:
@@ -115,7 +118,7 @@ class Output:
         self.path, self.holds = path, "nothing"
         self._writing, self._pending, self._previous = False, 0, {}
 
-    def __enter__(self) -> Output:
+    def __enter__(self) -> Self:
         self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         return self
 
@@ -141,84 +144,136 @@ class Output:
                 raise Stopped(self._pending)
 
 
+class _Exit(Exception):
+    """An expected failure: main() prints it as one line and returns `code`."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def main(argv: list[str] | None = None) -> int:
     start = time.monotonic() - (_process_age() if argv is None else 0.0)  # argv None: we are the process
     args = build_parser().parse_args(argv)
-    if _same_file(args.task, args.output):
-        return _fail(f"the output {args.output} is the input task; give another output path", EXIT_BAD_INPUT)
+    try:
+        if _same_file(args.task, args.output):
+            raise _Exit(f"the output {args.output} is the input task; give another output path", EXIT_BAD_INPUT)
+        _set_up_logging(args.log_level)
+        config = _config(args)
+        data, phases = _read_task(args.task, start)
+        with Output(args.output) as output:
+            try:
+                return _answer(data, config, output, strict=args.strict, start=start, phases=phases)
+            except Stopped as stop:
+                code = 128 + stop.signum
+                logger.warning("stopped by %s: %s holds %s; exit %d", stop, output.path, output.holds, code)
+                return code
+    except _Exit as failure:
+        return _fail(str(failure), failure.code)
+
+
+def _set_up_logging(level: str) -> None:
+    """Log lines to stdout; a scratch HOME (environment.prepare) is said once logging is up."""
     scratch = environment.prepare()
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     for noisy in ("transformers", "accelerate", "peft", "torchopt"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-
     if scratch:
         logger.info("no writable HOME: caches go to %s", scratch)
+
+
+def _config(args: argparse.Namespace) -> AdaptConfig:
+    """The flags and the environment as an AdaptConfig; an invalid value names its flag, not the field."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(AdaptConfig)}
     try:
-        config = AdaptConfig(**values).with_env()
-    except ValueError as err:  # name the flag, not the field: AdaptConfig.time_budget -> --time-budget
-        return _fail(re.sub(r"AdaptConfig\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(err)), EXIT_BAD_INPUT)
+        return AdaptConfig(**values).with_env()
+    except ValueError as err:  # AdaptConfig.time_budget -> --time-budget
+        message = re.sub(r"AdaptConfig\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(err))
+        raise _Exit(message, EXIT_BAD_INPUT) from err
+
+
+def _read_task(path: Path, start: float) -> tuple[TaskData, dict[str, float]]:
+    """The task and the seconds its phases took so far (startup with imports, reading)."""
     from .task import TaskError, load_task  # after the flags are checked: a usage error should not wait for torch
 
     imported = time.monotonic()
     try:
-        data = load_task(args.task)
+        data = load_task(path)
     except (TaskError, OSError) as err:
-        return _fail(f"{args.task}: {err}", EXIT_BAD_INPUT)
+        raise _Exit(f"{path}: {err}", EXIT_BAD_INPUT) from err
     except (MemoryError, RuntimeError) as err:  # failed allocations (torch's are RuntimeErrors), recursion limits
         reason = f"{type(err).__name__}: {str(err) or 'out of memory'}"
-        return _fail(f"{args.task}: cannot read the task ({reason})", EXIT_BAD_INPUT)
-    phases = {"startup and imports": imported - start, "task read": time.monotonic() - imported}
+        raise _Exit(f"{path}: cannot read the task ({reason})", EXIT_BAD_INPUT) from err
     logger.info(
         "task %s: %s, %d classes, %d support, %d query, images %s",
-        data.task_identifier or args.task.name, data.target.name, len(data.classes),
+        data.task_identifier or path.name, data.target.name, len(data.classes),
         len(data.support_images), len(data.query_images), tuple(data.support_images.shape[1:]),
     )  # fmt: skip
-    with Output(args.output) as output:
-        try:
-            return _answer(data, config, output, strict=args.strict, start=start, phases=phases)
-        except Stopped as stop:
-            logger.warning("stopped by %s: %s holds %s; exit %d", stop, output.path, output.holds, 128 + stop.signum)
-            return 128 + stop.signum
+    return data, {"startup and imports": imported - start, "task read": time.monotonic() - imported}
 
 
 def _answer(
     data: TaskData, config: AdaptConfig, output: Output, *, strict: bool, start: float, phases: dict[str, float]
 ) -> int:
     """The class prior on disk first (unless strict), then the best predictions within the budget."""
-    from .api import run
-    from .backbone import BackboneError, resolve_model
-    from .fallback import run_with_fallbacks
     from .targets import class_prior
 
-    prior = "the class prior of the support labels"
     begun = time.monotonic()
-    try:
-        if not strict:
-            output.write(class_prior(data), prior)
-            logger.info("wrote %s to %s; better predictions replace it when ready", prior, output.path)
-    except OSError as err:
-        return _fail(f"cannot write {output.path}: {err}", EXIT_WRITE)
+    if not strict:
+        _write(output, class_prior(data), PRIOR)
+        logger.info("wrote %s to %s; better predictions replace it when ready", PRIOR, output.path)
     phases["class prior"] = time.monotonic() - begun
     elapsed = time.monotonic() - start
-    if config.time_budget is None and ENV_TIME_BUDGET not in os.environ:
-        config = dataclasses.replace(config, time_budget=CONTAINER_TIME_BUDGET)
-    config = dataclasses.replace(config, time_budget=max(1.0, config.time_budget - elapsed))
-
+    config = _left_of_budget(config, elapsed)
     begun = time.monotonic()
-    if strict:
-        try:
-            result, how = run(data, config), "adapted"
-        except BackboneError as err:
-            return _fail(str(err), EXIT_NO_MODEL)
-    else:
-        result, how = run_with_fallbacks(data, config)
+    result, how = _predict(data, config, strict=strict)
     adapted = time.monotonic()
-    try:
-        output.write(result.probabilities, how)
-    except OSError as err:
-        return _fail(f"cannot write {output.path}: {err}", EXIT_WRITE)
+    _write(output, result.probabilities, how)
     written = time.monotonic()
+    _log_result(data, config, result, how, start=start, budget=elapsed + config.time_budget)
+    phases |= {k: v for k, v in result.timings.items() if k != "total"}  # model load, adapt, predict
+    phases |= {"fallbacks": adapted - begun - result.timings.get("total", 0.0), "write": written - adapted}
+    phases["total"] = time.monotonic() - start  # a caller's wall time minus this is interpreter exit
+    logger.info("timings: %s", ", ".join(f"{name} {seconds:.2f}s" for name, seconds in phases.items()))
+    return 0
+
+
+def _write(output: Output, probabilities: torch.Tensor, what: str) -> None:
+    try:
+        output.write(probabilities, what)
+    except OSError as err:
+        raise _Exit(f"cannot write {output.path}: {err}", EXIT_WRITE) from err
+
+
+def _left_of_budget(config: AdaptConfig, elapsed: float) -> AdaptConfig:
+    """The time budget counts the whole process (CONTAINER_TIME_BUDGET unless set): what is left after `elapsed`.
+
+    `config` has been through with_env(): a budget in $L2L_PEFT_TIME_BUDGET is already its time_budget."""
+    if config.time_budget is None:
+        config = dataclasses.replace(config, time_budget=CONTAINER_TIME_BUDGET)
+    return dataclasses.replace(config, time_budget=max(1.0, config.time_budget - elapsed))
+
+
+def _predict(data: TaskData, config: AdaptConfig, *, strict: bool) -> tuple[AdaptResult, str]:
+    """(result, what produced it): the fallback chain, or with --strict the recipe alone (no backbone: exit 3)."""
+    from .api import run
+    from .backbone import BackboneError
+    from .fallback import run_with_fallbacks
+
+    if not strict:
+        return run_with_fallbacks(data, config)
+    try:
+        return run(data, config), "adapted"
+    except BackboneError as err:
+        raise _Exit(str(err), EXIT_NO_MODEL) from err
+
+
+def _log_result(
+    data: TaskData, config: AdaptConfig, result: AdaptResult, how: str, *, start: float, budget: float
+) -> None:
+    """One line that says what answered, with which model and method, in how much of the budget."""
+    from .backbone import BackboneError, resolve_model
+
     try:
         model = resolve_model(config.model, config.cache_dir).name
     except BackboneError:
@@ -230,13 +285,8 @@ def _answer(
         how, model, data.target.name, len(data.support_images), len(data.query_images), result.methods or config.method,
         f"{report.steps}/{report.planned_steps}" if report else 0, result.precision, tuple(result.probabilities.shape),
         f" ({result.prior_rows} rows class prior: out of time)" if result.prior_rows else "",
-        time.monotonic() - start, elapsed + config.time_budget,
+        time.monotonic() - start, budget,
     )  # fmt: skip
-    phases |= {k: v for k, v in result.timings.items() if k != "total"}  # model load, adapt, predict
-    phases |= {"fallbacks": adapted - begun - result.timings.get("total", 0.0), "write": written - adapted}
-    phases["total"] = time.monotonic() - start  # a caller's wall time minus this is interpreter exit
-    logger.info("timings: %s", ", ".join(f"{name} {seconds:.2f}s" for name, seconds in phases.items()))
-    return 0
 
 
 def entry() -> NoReturn:

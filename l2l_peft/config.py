@@ -35,6 +35,22 @@ class Method(str, Enum):
     VPT_DEEP = "vpt-deep"
     HEAD = "head"  # frozen backbone, head only
     FULL = "full"  # every backbone weight trained
+    PROTOTYPES = "prototypes"  # frozen backbone, head set to the support's class means, no training
+    LINEAR_PROBE = "linear-probe"  # frozen backbone, head fitted by L2-regularised LBFGS on the support features
+
+
+class LoraTargets(str, Enum):
+    """Which projections of each block get adapters (adapters.find_target_modules)."""
+
+    QV = "qv"
+    QKV = "qkv"
+    ATTN = "attn"  # q, k, v and the attention output
+    ALL = "all"  # attn + the MLP
+
+
+class HeadInit(str, Enum):
+    PROTOTYPE = "prototype"  # class means of the support features: training starts from the nearest-mean rule
+    ZERO = "zero"
 
 
 ENV_MODEL = "L2L_PEFT_MODEL"
@@ -70,7 +86,8 @@ class AdaptConfig:
     cpu: bool = _help("run on the CPU even when a GPU is present", default=False)
     precision: Precision = _help("mixed precision: auto, bf16, fp16 or no", default=Precision.AUTO)
     method: str = _help(
-        "adaptation method (lora, dora, loha, lokr, ia3, vera, bitfit, vpt-shallow, vpt-deep, head, full); "
+        "adaptation method (lora, dora, loha, lokr, ia3, vera, bitfit, vpt-shallow, vpt-deep, head, full; "
+        "prototypes and linear-probe fit only the head on frozen features); "
         "several joined by '+' are trained one after the other and their query probabilities averaged, a "
         "later one only when the time budget leaves room for it (docs/recipe.md: lora+full beat either alone "
         "on datasets the backbone never saw)",
@@ -79,8 +96,8 @@ class AdaptConfig:
     lora_rank: int = _help("rank of LoRA-family adapters", default=16)
     lora_alpha: float = _help("LoRA scaling numerator (scale = alpha / rank)", default=32.0)
     lora_dropout: float = _help("dropout on the LoRA input; regularises tiny supports", default=0.1)
-    lora_targets: str = _help(
-        "which projections get adapters: qv, qkv, attn (q, k, v, out) or all (attn + MLP)", default="qv"
+    lora_targets: LoraTargets = _help(
+        "which projections get adapters: qv, qkv, attn (q, k, v, out) or all (attn + MLP)", default=LoraTargets.QV
     )
     lora_last_blocks: int | None = _help(
         "adapt only the last k transformer blocks (None: all); the frozen blocks before them "
@@ -104,19 +121,23 @@ class AdaptConfig:
     warmup_frac: float = _help("fraction of steps with linear warm-up before the cosine decay", default=0.1)
     batch_size: int = _help("support images per step (the whole support when smaller)", default=32)
     epochs: float = _help(
-        "passes over the support; steps = clamp(epochs * n_support / batch_size, min_steps, max_steps)",
+        "passes over the support; steps = epochs * n_support / batch_size, raised to min_steps, then capped "
+        "at max_steps",
         default=50.0,
     )
-    min_steps: int = _help("lower bound on optimisation steps", default=20)
+    min_steps: int = _help("lower bound on optimisation steps (max_steps wins when it is smaller)", default=20)
     augment: bool = _help("random flips, small affine jitter and contrast/brightness jitter", default=True)
-    head_init: str = _help(
-        "head initialisation: 'prototype' (class means of the support features) or 'zero'",
-        default="prototype",
+    head_init: HeadInit = _help(
+        "head initialisation: prototype (class means of the support features) or zero", default=HeadInit.PROTOTYPE
     )
     predict_batch_size: int = _help("query images per inference batch", default=256)
+    probe_l2: float = _help("linear-probe: weight of the squared L2 norm of the probe weights", default=1e-3)
+    probe_max_iter: int = _help("linear-probe: LBFGS iterations (full batch; convex, converges fast)", default=200)
 
     def __post_init__(self) -> None:
         self.precision = _enum(Precision, self.precision, "precision")
+        self.lora_targets = _enum(LoraTargets, self.lora_targets, "lora_targets")
+        self.head_init = _enum(HeadInit, self.head_init, "head_init")
         self.method = "+".join(_enum(Method, m, "method").value for m in _split_methods(self.method))
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"AdaptConfig.method names a method twice: {self.method!r}")
@@ -124,24 +145,18 @@ class AdaptConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison below
                 raise ValueError(f"AdaptConfig.{f.name} must be a finite number, got {value}")
-        positive = ("max_steps", "lora_rank", "batch_size", "predict_batch_size", "vpt_tokens")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"AdaptConfig.{name} must be >= 1, got {_short(getattr(self, name))}")
-        if self.min_steps < 0 or self.min_steps > self.max_steps:
-            self.min_steps = min(max(self.min_steps, 0), self.max_steps)
+        for name, low in _AT_LEAST.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"AdaptConfig.{name} must be >= {low}, got {_short(getattr(self, name))}")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ValueError(f"AdaptConfig.time_budget must be > 0 seconds, got {_short(self.time_budget)}")
-        if self.lora_targets not in ("qv", "qkv", "attn", "all"):
-            raise ValueError(f"AdaptConfig.lora_targets must be qv, qkv, attn or all, got {_short(self.lora_targets)}")
         if self.lora_last_blocks is not None and self.lora_last_blocks < 1:
             raise ValueError(f"AdaptConfig.lora_last_blocks must be >= 1 or None, got {_short(self.lora_last_blocks)}")
-        if self.prefix_views < 0:
-            raise ValueError(f"AdaptConfig.prefix_views must be >= 0, got {_short(self.prefix_views)}")
-        if self.head_init not in ("prototype", "zero"):
-            raise ValueError(f"AdaptConfig.head_init must be 'prototype' or 'zero', got {_short(self.head_init)}")
-        if not 0 <= self.warmup_frac < 1:
-            raise ValueError(f"AdaptConfig.warmup_frac must be in [0, 1), got {_short(self.warmup_frac)}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"AdaptConfig.lora_alpha must be > 0, got {_short(self.lora_alpha)}")
+        for name in ("lora_dropout", "warmup_frac"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"AdaptConfig.{name} must be in [0, 1), got {_short(getattr(self, name))}")
 
     @property
     def methods(self) -> tuple[Method, ...]:
@@ -166,6 +181,14 @@ class AdaptConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (v.value if isinstance(v, Enum) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+# lower bounds of numeric fields; anything below is an error, never clamped into range
+_AT_LEAST = {
+    "max_steps": 1, "min_steps": 0, "lora_rank": 1, "batch_size": 1, "predict_batch_size": 1, "vpt_tokens": 1,
+    "prefix_views": 0, "lr_head": 0, "lr_adapter": 0, "weight_decay": 0, "epochs": 0,
+    "probe_l2": 0, "probe_max_iter": 1,
+}  # fmt: skip
 
 
 def _env_seconds(name: str) -> float:

@@ -75,7 +75,9 @@ def load_npz(path: str | Path, info: dict) -> LabelledDataset:
     )  # fmt: skip
 
 
-def load_npz_dir(directory: str | Path, include: list[str] | None = None, exclude: list[str] | None = None) -> dict[str, LabelledDataset]:
+def load_npz_dir(
+    directory: str | Path, include: list[str] | None = None, exclude: list[str] | None = None
+) -> dict[str, LabelledDataset]:
     """All datasets named in `directory/manifest.json`, filtered by include/exclude lists."""
     directory = Path(directory)
     manifest = json.loads((directory / "manifest.json").read_text())
@@ -86,7 +88,9 @@ def load_npz_dir(directory: str | Path, include: list[str] | None = None, exclud
     return {name: load_npz(directory / f"{name}.npz", manifest[name]) for name in names}
 
 
-def load_image_folder(csv_path: str | Path, *, task: str, classes: dict[int, str] | None = None, name: str | None = None) -> LabelledDataset:
+def load_image_folder(
+    csv_path: str | Path, *, task: str, classes: dict[int, str] | None = None, name: str | None = None
+) -> LabelledDataset:
     """Images listed in a CSV (`path,label`; multilabel: `path,l0,l1,...`), paths relative to the CSV."""
     from PIL import Image
 
@@ -110,7 +114,9 @@ def load_image_folder(csv_path: str | Path, *, task: str, classes: dict[int, str
     if classes is None:
         n = label_tensor.shape[1] if label_tensor.dim() == 2 else int(label_tensor.max()) + 1
         classes = {i: str(i) for i in range(max(n, 2))}
-    return LabelledDataset(name or csv_path.stem, _channels_first(np.stack(arrays)), label_tensor.long(), TASK_TYPES[task], classes)
+    return LabelledDataset(
+        name or csv_path.stem, _channels_first(np.stack(arrays)), label_tensor.long(), TASK_TYPES[task], classes
+    )
 
 
 def to_challenge(images: torch.Tensor, size: int = CHALLENGE_SIZE) -> torch.Tensor:

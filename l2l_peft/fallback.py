@@ -19,8 +19,7 @@ from accelerate.state import AcceleratorState
 
 from .api import AdaptResult, run
 from .backbone import BackboneError
-from .config import AdaptConfig, Precision
-from .frozen import Frozen, run_frozen
+from .config import AdaptConfig, Method, Precision
 from .targets import class_prior, output_size
 from .task import TaskData
 from .train import TrainingError
@@ -28,55 +27,72 @@ from .train import TrainingError
 logger = logging.getLogger(__name__)
 
 RETRY_MIN_BUDGET_FRACTION = 0.3  # a smaller retry needs about this share of the budget to finish
-Attempt = Callable[[TaskData, AdaptConfig], AdaptResult]
+
+
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    """One predictor of the chain: a name for the log and the config api.run gets, built when its turn comes
+    from the run's config and the previous failure."""
+
+    name: str
+    config: Callable[[AdaptConfig, Exception | None], AdaptConfig]
+    min_budget_fraction: float = 0.0  # skipped when less of the budget is left
 
 
 def smaller(config: AdaptConfig, *, diverged: bool) -> AdaptConfig:
     """Half the batch and steps (OOM, slowness), the ensemble's first method only; fp32 as well when
     the loss became NaN/inf."""
-    half_steps = max(1, config.max_steps // 2)
     return dataclasses.replace(
         config,
         method=config.methods[0].value,
         batch_size=max(1, config.batch_size // 2),
         predict_batch_size=max(1, config.predict_batch_size // 2),
-        max_steps=half_steps,
-        min_steps=min(config.min_steps, half_steps),
+        max_steps=max(1, config.max_steps // 2),  # the upper bound: min_steps cannot raise it (train.plan)
         precision=Precision.FP32 if diverged else config.precision,
     )
+
+
+def chain() -> list[Attempt]:
+    """The predictors in the order they are tried; every one runs through api.run."""
+    return [
+        Attempt("adapted", lambda config, failure: config),
+        Attempt(
+            "adapted (smaller retry)",
+            lambda config, failure: smaller(config, diverged=isinstance(failure, TrainingError)),
+            RETRY_MIN_BUDGET_FRACTION,
+        ),
+        Attempt("prototypes on frozen features", lambda config, failure: prototypes(config)),
+    ]
+
+
+def prototypes(config: AdaptConfig) -> AdaptConfig:
+    """Frozen features, head set to the nearest-mean rule of the support (no training)."""
+    return dataclasses.replace(config, method=Method.PROTOTYPES.value)
 
 
 def run_with_fallbacks(data: TaskData, config: AdaptConfig) -> tuple[AdaptResult, str]:
     """(result, name of the predictor that produced it); never raises for a readable task."""
     start = time.monotonic()
     budget = config.time_budget
-
-    def left() -> float | None:
-        return None if budget is None else budget - (time.monotonic() - start)
-
     failure: Exception | None = None
-    for name in ("adapted", "adapted (smaller retry)", "prototypes on frozen features"):
-        remaining = left()
-        if name == "adapted (smaller retry)":
-            if remaining is not None and remaining < RETRY_MIN_BUDGET_FRACTION * budget:
-                logger.warning("skipping the smaller retry: %.0fs of the budget left", remaining)
-                continue
-            attempt_config = smaller(config, diverged=isinstance(failure, TrainingError))
-            if attempt_config.precision is not config.precision:
-                AcceleratorState._reset_state()  # accelerate keeps one precision per process
-        else:
-            attempt_config = config
+    for attempt in chain():
+        remaining = None if budget is None else budget - (time.monotonic() - start)
         if remaining is not None and remaining <= 0:
-            logger.warning("skipping %s: time budget exhausted", name)
+            logger.warning("skipping %s: time budget exhausted", attempt.name)
             break
-        attempt: Attempt = prototype_result if name.startswith("prototypes") else run
+        if remaining is not None and remaining < attempt.min_budget_fraction * budget:
+            logger.warning("skipping %s: %.0fs of the budget left", attempt.name, remaining)
+            continue
+        attempt_config = attempt.config(config, failure)
+        if attempt_config.precision is not config.precision:
+            AcceleratorState._reset_state()  # accelerate keeps one precision per process
         try:
-            result = attempt(data, dataclasses.replace(attempt_config, time_budget=remaining))
+            result = run(data, dataclasses.replace(attempt_config, time_budget=remaining))
             check(result.probabilities, data)
-            return result, name
+            return result, attempt.name
         except Exception as err:  # noqa: BLE001 - container mode must always answer; every failure is logged
             failure = err
-            logger.warning("%s failed: %s: %s; falling back", name, type(err).__name__, err)
+            logger.warning("%s failed: %s: %s; falling back", attempt.name, type(err).__name__, err)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             if isinstance(err, BackboneError):
@@ -92,8 +108,3 @@ def check(probabilities: torch.Tensor, data: TaskData) -> None:
         raise ValueError(f"predictions have shape {tuple(probabilities.shape)}, expected {expected}")
     if not bool(torch.isfinite(probabilities).all()):
         raise ValueError("predictions contain NaN or inf")
-
-
-def prototype_result(data: TaskData, config: AdaptConfig) -> AdaptResult:
-    """Frozen features, head set to the nearest-mean rule of the support (no training)."""
-    return run_frozen(data, config, Frozen.PROTOTYPES)

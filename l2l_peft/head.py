@@ -25,7 +25,9 @@ class Head(nn.Module):
         return self.linear(self.norm(features))
 
     @torch.no_grad()
-    def init_from_prototypes(self, features: torch.Tensor, positives: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+    def init_from_prototypes(
+        self, features: torch.Tensor, positives: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> None:
         """Each logit starts as the nearest-mean rule between its positive and negative support samples.
 
         Logit j = w_j . z + b_j with w_j along (mean_pos - mean_neg), zero at the midpoint and

@@ -1,14 +1,16 @@
-"""Batched inference on the query set, within the time budget."""
+"""Batched inference within the time budget: query probabilities, and the features the heads are fitted on."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from accelerate import Accelerator
+from torch import nn
 
+from .backbone import FeatureExtractor
 from .head import Classifier
 from .targets import Objective, class_prior
 from .task import TaskData
@@ -40,6 +42,27 @@ def batches_until(images: torch.Tensor, batch_size: int, deadline: float | None)
 
 
 @torch.inference_mode()
+def run_batched(
+    module: nn.Module,
+    images: torch.Tensor,
+    *,
+    width: int,
+    accelerator: Accelerator,
+    batch_size: int,
+    deadline: float | None = None,
+    then: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """float32 CPU [n, width]: `module` (eval mode, autocast), then `then` (outside autocast), on the first n
+    images: all of them without a deadline, those whose batches fit before it with one."""
+    module.eval()
+    outputs = [torch.empty(0, width)]
+    for chunk in batches_until(images, batch_size, deadline):
+        with accelerator.autocast():
+            out = module(chunk.to(accelerator.device, non_blocking=True))
+        outputs.append((then(out) if then else out).float().cpu())  # .cpu() syncs: the batch's time is real
+    return torch.cat(outputs)
+
+
 def predict(
     model: Classifier,
     objective: Objective,
@@ -49,15 +72,19 @@ def predict(
     batch_size: int,
     deadline: float | None = None,
 ) -> torch.Tensor:
-    """float32 CPU probabilities [n, n_outputs] (raw values for regression) of the first n images:
-    all of them without a deadline, those whose batches fit before it with one."""
-    model.eval()
-    outputs = [torch.empty(0, objective.n_outputs)]
-    for chunk in batches_until(images, batch_size, deadline):
-        with accelerator.autocast():
-            logits = model(chunk.to(accelerator.device, non_blocking=True))
-        outputs.append(objective.probabilities(logits).float().cpu())  # .cpu() syncs: the batch's time is real
-    return torch.cat(outputs)
+    """float32 CPU probabilities [n, n_outputs] (raw values for regression) of the first n images."""
+    return run_batched(
+        model, images, width=objective.n_outputs, then=objective.probabilities,
+        accelerator=accelerator, batch_size=batch_size, deadline=deadline,
+    )  # fmt: skip
+
+
+def features(
+    extractor: FeatureExtractor, images: torch.Tensor, *, accelerator: Accelerator, batch_size: int
+) -> torch.Tensor:
+    """float32 [n, feature_dim] backbone features of all images, on the accelerator's device (heads fit there)."""
+    out = run_batched(extractor, images, width=extractor.feature_dim, accelerator=accelerator, batch_size=batch_size)
+    return out.to(accelerator.device)
 
 
 def fill_with_prior(probabilities: torch.Tensor, data: TaskData) -> torch.Tensor:

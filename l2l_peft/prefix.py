@@ -10,6 +10,7 @@ specific to one architecture.
 
 Trade-off: augmentation must happen before the cache, so training sees `views` fixed augmented
 draws per image instead of a fresh draw every step (without augmentation one view is exact).
+PrefixBatches hands the cache to train() as a batch source (batches.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from torch import nn
 from .adapters import _BLOCK
 from .augment import augment
 from .backbone import FeatureExtractor
+from .batches import SupportBatches
+from .config import AdaptConfig
+from .head import Classifier
 
 
 class _Stop(Exception):
@@ -48,7 +52,9 @@ class _StandIn(nn.Module):
 
 def blocks(model: nn.Module) -> list[str]:
     """Names of the transformer blocks in execution order (innermost numbered modules holding Linear layers)."""
-    found = [m.group(1) for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and (m := _BLOCK.match(name))]
+    found = [
+        m.group(1) for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and (m := _BLOCK.match(name))
+    ]
     names = list(dict.fromkeys(found))
     return [n for n in names if not any(other.startswith(n + ".") for other in names)]  # Swin: blocks, not stages
 
@@ -138,6 +144,47 @@ class PrefixCache:
         finally:
             _put(model, originals)
             self._replay = None
+
+
+class PrefixBatches(SupportBatches):
+    """The support's cached frozen-prefix outputs instead of its images: per step only the adapted blocks run."""
+
+    def __init__(self, cache: PrefixCache, labels: torch.Tensor, *, batch: int, generator: torch.Generator) -> None:
+        super().__init__(cache.activations, labels, batch=batch, generator=generator, augment=False)
+        self.cache = cache
+
+    def inputs(self, index: torch.Tensor) -> torch.Tensor:
+        return self.cache.sample(index, self.generator)
+
+    def logits(self, model: Classifier, inputs: torch.Tensor) -> torch.Tensor:
+        return model.head(self.cache.features(inputs))
+
+    def active(self) -> AbstractContextManager:
+        return self.cache.swapped()
+
+
+def prefix_batches(
+    model: Classifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    batch: int,
+    config: AdaptConfig,
+    autocast: Callable[[], AbstractContextManager],
+    generator: torch.Generator,
+) -> PrefixBatches | None:
+    """A cache of the frozen blocks' output when only the last blocks are adapted; None where caching does not apply."""
+    frozen = frozen_prefix(model.extractor) if config.lora_last_blocks and config.prefix_views else []
+    if not frozen:
+        return None
+    cache = PrefixCache(
+        model.extractor, frozen, images,
+        views=config.prefix_views if config.augment else 1,
+        generator=generator if config.augment else None,
+        autocast=autocast,
+        batch_size=config.predict_batch_size,
+    )  # fmt: skip
+    return PrefixBatches(cache, labels, batch=batch, generator=generator)
 
 
 def _put(model: nn.Module, modules: dict[str, nn.Module]) -> None:

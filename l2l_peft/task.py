@@ -150,7 +150,9 @@ def _normalise(obj: Any) -> TaskData:
     if len(query):
         _check_pixels(query, "query")
         if query.shape[1:] != images.shape[1:]:
-            raise TaskError(f"query images have shape {tuple(query.shape[1:])}, support images {tuple(images.shape[1:])}")
+            raise TaskError(
+                f"query images have shape {tuple(query.shape[1:])}, support images {tuple(images.shape[1:])}"
+            )
     classes = _check_classes(classes, target)
     labels = _check_labels(labels, target, classes)
     if identifier is not None and not isinstance(identifier, str):
@@ -162,7 +164,9 @@ def _check_target(target: Any) -> TaskTarget:
     if not isinstance(target, TaskTarget):
         raise TaskError(f"unknown task target {describe(target)}")
     if target in (TaskTarget.BINARY_SEGMENTATION, TaskTarget.MULTILABEL_SEGMENTATION):
-        raise TaskError(f"task target {target.name} (segmentation) is not supported: l2l_peft predicts image-level outputs")
+        raise TaskError(
+            f"task target {target.name} (segmentation) is not supported: l2l_peft predicts image-level outputs"
+        )
     if target not in SUPPORTED_TARGETS:
         raise TaskError(f"unsupported task target {target.name}")
     return target
@@ -245,7 +249,11 @@ def _check_size(support_images: list[Any], support_labels: list[Any], query_imag
     if (n := len(support_images) + len(query_images)) > MAX_IMAGES:
         raise TaskError(f"task has {n} images; at most {MAX_IMAGES} are read")
     nbytes = 0
-    for what, items, itemsize in [("support image", support_images, 4), ("query image", query_images, 4), ("support label", support_labels, 8)]:
+    for what, items, itemsize in [
+        ("support image", support_images, 4),
+        ("query image", query_images, 4),
+        ("support label", support_labels, 8),
+    ]:
         for i, item in enumerate(items):
             elements = numel(item, f"{what} {i}", 0)
             if elements > _MAX_ITEM_ELEMENTS:
@@ -355,7 +363,8 @@ def _check_labels(labels: torch.Tensor, target: TaskTarget, classes: dict[Any, s
         case TaskTarget.MULTILABEL_CLASSIFICATION:
             if labels.dim() != 2 or labels.shape[1] != len(classes):
                 raise TaskError(
-                    f"multilabel labels must be multi-hot vectors of length {len(classes)}, got shape {tuple(labels.shape[1:])}"
+                    f"multilabel labels must be multi-hot vectors of length {len(classes)}, "
+                    f"got shape {tuple(labels.shape[1:])}"
                 )
             flat = _integral(labels, target)
             bad = ((flat != 0) & (flat != 1)).any(1).nonzero()
@@ -380,4 +389,3 @@ def _integral(labels: torch.Tensor, target: TaskTarget) -> torch.Tensor:
         if not bool((labels == labels.round()).all()):
             raise TaskError(f"{target.name} labels must be integers, got fractional values")
     return labels.long()
-

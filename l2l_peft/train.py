@@ -6,10 +6,10 @@ device, autocast, loss scaling (fp16) and the optimizer wrapper, not distributio
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -17,19 +17,16 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
 from .attention import training_kernels
-from .augment import augment
+from .batches import SupportBatches
 from .config import AdaptConfig, Precision
-from .graphs import EagerStep, GraphedStep
+from .graphs import step_runner, use_graphs
 from .head import Classifier
-from .prefix import PrefixCache, frozen_prefix
+from .prefix import prefix_batches
 from .targets import Objective
 
 logger = logging.getLogger(__name__)
 
 GRAD_CLIP = 1.0
-# Measured on an H100 (results/benchmarks): graphs pay at batch 32 (ViT-B 875 -> 1,129 img/s) but
-# replays ran slower than eager at batch 128 (2,458 -> 1,284 img/s), so larger batches stay eager.
-GRAPH_MAX_BATCH = 64
 
 
 class TrainingError(RuntimeError):
@@ -78,10 +75,11 @@ def make_accelerator(config: AdaptConfig) -> Accelerator:
 
 
 def plan(n_support: int, config: AdaptConfig) -> tuple[int, int]:
-    """(batch size, steps): full batches only, steps from epochs clamped to [min_steps, max_steps]."""
+    """(batch size, steps): full batches only, steps from epochs, at least min_steps, at most max_steps
+    (the upper bound wins: `--max-steps 5` alone trains 5 steps, not the default min_steps)."""
     batch = min(config.batch_size, n_support)
     steps = math.ceil(config.epochs * n_support / batch)
-    return batch, max(config.min_steps, min(config.max_steps, steps))
+    return batch, min(config.max_steps, max(config.min_steps, steps))
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:
@@ -108,52 +106,35 @@ def train(
     another step plus predicting `predict_images` query images would overrun it.
     """
     start = time.monotonic()
-    device = accelerator.device
-    images, labels = images.to(device), labels.to(device)
-    n = len(images)
-    batch, steps = plan(n, config)
+    images, labels = images.to(accelerator.device), labels.to(accelerator.device)
+    batch, steps = plan(len(images), config)
     logger.debug("training %d steps of batch %d", steps, batch)
-    batches_per_epoch = n // batch
-    generator = torch.Generator(device).manual_seed(config.seed)
-    cache = _prefix_cache(model, images, config, accelerator, generator)
-    graphs = config.cuda_graphs and device.type == "cuda" and accelerator.mixed_precision != "fp16" and batch <= GRAPH_MAX_BATCH
-
-    head_params = [p for p in model.head.parameters() if p.requires_grad]
-    other_params = [p for p in model.extractor.parameters() if p.requires_grad]
-    lr = (lambda v: torch.tensor(v, device=device)) if graphs else float  # a replayed graph reads tensor lrs
-    groups = [{"params": head_params, "lr": lr(config.lr_head)}]
-    if other_params:
-        groups.append({"params": other_params, "lr": lr(config.lr_adapter)})
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=device.type == "cuda", capturable=graphs)
-    warmup = max(1, round(config.warmup_frac * steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps, warmup))
+    generator = torch.Generator(accelerator.device).manual_seed(config.seed)
+    batches = prefix_batches(
+        model, images, labels, batch=batch, config=config, autocast=accelerator.autocast, generator=generator
+    ) or SupportBatches(images, labels, batch=batch, generator=generator, augment=config.augment)
+    graphed = use_graphs(config.cuda_graphs, accelerator, batch)
+    optimizer, scheduler = _optimizer(model, config, steps, device=accelerator.device, graphed=graphed)
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
     optimizer = accelerator.prepare_optimizer(optimizer)  # loss scaling under fp16; no DDP model wrap
-    trainable = head_params + other_params
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with accelerator.autocast(), training_kernels():
-            loss = objective.loss(model.head(cache.features(x)) if cache else model(x), y)
+            loss = objective.loss(batches.logits(model, x), y)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(trainable, GRAD_CLIP)
         optimizer.step()
         return loss.detach()
 
-    run_step = GraphedStep(step, optimizer) if graphs else EagerStep(step, optimizer)
+    run_step = step_runner(step, optimizer, graphed=graphed)
     model.train()
-    running = torch.zeros((), device=device)
+    running = torch.zeros((), device=accelerator.device)
     done, stopped_early = 0, False
-    with cache.swapped() if cache else nullcontext():
-        for i in range(steps):
-            if i % batches_per_epoch == 0:
-                order = torch.randperm(n, device=device, generator=generator)
-            idx = order[(i % batches_per_epoch) * batch : (i % batches_per_epoch + 1) * batch]
-            if cache:
-                x = cache.sample(idx, generator)
-            else:
-                x = augment(images[idx], generator) if config.augment else images[idx]
-            loss = run_step(x, labels[idx])
+    with batches.active():
+        for x, y in itertools.islice(batches, steps):
+            loss = run_step(x, y)
             scheduler.step()
-            running = loss.clone() if i == 0 else 0.9 * running + 0.1 * loss
+            running = loss.clone() if done == 0 else 0.9 * running + 0.1 * loss
             done += 1
             if deadline is not None and _out_of_time(start, done, batch, predict_images, deadline):
                 stopped_early = done < steps
@@ -167,20 +148,25 @@ def train(
     return TrainReport(done, steps, batch, final, seconds, stopped_early)
 
 
-def _prefix_cache(
-    model: Classifier, images: torch.Tensor, config: AdaptConfig, accelerator: Accelerator, generator: torch.Generator
-) -> PrefixCache | None:
-    """Cache the frozen blocks' output when only the last blocks are adapted (see prefix.py)."""
-    frozen = frozen_prefix(model.extractor) if config.lora_last_blocks and config.prefix_views else []
-    if not frozen:
-        return None
-    return PrefixCache(
-        model.extractor, frozen, images,
-        views=config.prefix_views if config.augment else 1,
-        generator=generator if config.augment else None,
-        autocast=accelerator.autocast,
-        batch_size=config.predict_batch_size,
-    )  # fmt: skip
+def _optimizer(
+    model: Classifier, config: AdaptConfig, steps: int, *, device: torch.device, graphed: bool
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW on the head and the method's parameters, linear warm-up then cosine decay.
+
+    A CUDA graph replays the optimizer step as captured: it needs capturable=True and tensor learning
+    rates, which the scheduler updates in place (graphs.py).
+    """
+    head_params = [p for p in model.head.parameters() if p.requires_grad]
+    other_params = [p for p in model.extractor.parameters() if p.requires_grad]
+    lr = (lambda v: torch.tensor(v, device=device)) if graphed else float
+    groups = [{"params": head_params, "lr": lr(config.lr_head)}]
+    if other_params:
+        groups.append({"params": other_params, "lr": lr(config.lr_adapter)})
+    optimizer = torch.optim.AdamW(
+        groups, weight_decay=config.weight_decay, fused=device.type == "cuda", capturable=graphed
+    )
+    warmup = max(1, round(config.warmup_frac * steps))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps, warmup))
 
 
 def _out_of_time(start: float, done: int, batch: int, predict_images: int, deadline: float) -> bool:

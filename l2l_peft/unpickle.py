@@ -168,14 +168,14 @@ def _storage_from_blob(blob: Any) -> _Storage:
 
 
 def _empty_array(subtype: Any, shape: Any, typecode: Any) -> np.ndarray:
-    """numpy's `_reconstruct` as array pickles call it: an empty array that BUILD then fills (numpy checks the sizes)."""
+    """numpy's `_reconstruct` as array pickles call it: an empty array that BUILD fills (numpy checks the sizes)."""
     if subtype is not _NdarrayClass or shape != (0,):
         raise _refuse(f"task pickle builds a numpy array of shape {describe(shape)} before its data")
     return np.core.multiarray._reconstruct(np.ndarray, (0,), typecode)
 
 
 def _array_from_buffer(buf: Any, dtype: Any, shape: Any, order: Any, axis_order: Any = None) -> np.ndarray:
-    """numpy's protocol-5 array pickle (`_frombuffer`): the array is its buffer, reshaped; numpy checks the sizes match."""
+    """numpy's protocol-5 array pickle (`_frombuffer`): the array is its buffer, reshaped; numpy checks the sizes."""
     if not isinstance(buf, (bytes, bytearray)) or not isinstance(dtype, np.dtype):
         raise _refuse(f"task pickle builds a numpy array from a {type(buf).__name__} and {describe(dtype)}")
     array = np.frombuffer(buf, dtype=dtype)

@@ -11,19 +11,31 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torchcross.data.task import Task, TaskDescription, TaskTarget  # noqa: E402
+import numpy as np
+import pytest
+import torch
+from torchcross.data.task import Task, TaskDescription, TaskTarget
 
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=32, patch_size=8)
+TINY = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=32, patch_size=8
+)
 
 
 def _tiny_models() -> dict[str, object]:
     from transformers import (
-        CLIPVisionConfig, CLIPVisionModel, DeiTConfig, DeiTModel, Dinov2Config, Dinov2Model,
-        SiglipVisionConfig, SiglipVisionModel, SwinConfig, SwinModel, ViTConfig, ViTModel,
-    )  # fmt: skip
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        DeiTConfig,
+        DeiTModel,
+        Dinov2Config,
+        Dinov2Model,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+        SwinConfig,
+        SwinModel,
+        ViTConfig,
+        ViTModel,
+    )
 
     return {
         "vit": lambda: ViTModel(ViTConfig(**TINY), add_pooling_layer=False),
@@ -31,7 +43,9 @@ def _tiny_models() -> dict[str, object]:
         "clip": lambda: CLIPVisionModel(CLIPVisionConfig(**TINY)),
         "siglip": lambda: SiglipVisionModel(SiglipVisionConfig(**TINY)),
         "deit": lambda: DeiTModel(DeiTConfig(**TINY), add_pooling_layer=False),
-        "swin": lambda: SwinModel(SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4)),
+        "swin": lambda: SwinModel(
+            SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4)
+        ),
     }
 
 

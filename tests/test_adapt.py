@@ -9,8 +9,8 @@ from torchcross.data.task import TaskTarget
 from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
 
 from l2l_peft import AdaptConfig, adapt, run
-from l2l_peft.config import Method
 from l2l_peft.backbone import load_backbone
+from l2l_peft.config import Method
 
 FAST = dict(cpu=True, max_steps=8, min_steps=1)
 PROBABILITY_TARGETS = [t for t in CLASSES if t is not TaskTarget.REGRESSION]
@@ -62,7 +62,7 @@ def test_base_weights_unchanged_and_only_adapters_train(vit_dir):
 
 def test_base_weights_bit_identical_inside_the_adapted_model(vit_dir, monkeypatch):
     """The adapted model's own frozen tensors stay as loaded (LoRA is never merged)."""
-    import l2l_peft.api as api
+    from l2l_peft import api
 
     captured = {}
     original = api.predict

@@ -41,7 +41,9 @@ def test_copies_are_independent(vit_dir, tmp_path):
     """The first load is handed out uncopied, later ones are copies of a cached original: all equal, none shared."""
     source = shutil.copytree(vit_dir, tmp_path / "fresh")  # a source no earlier test asked for
     a, b, c = (load_backbone(str(source)) for _ in range(3))
-    assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(a.parameters(), b.parameters(), c.parameters()))
+    assert all(
+        torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(a.parameters(), b.parameters(), c.parameters())
+    )
     next(a.parameters()).data.add_(1)
     next(b.parameters()).data.add_(2)
     assert not torch.equal(next(a.parameters()), next(c.parameters()))

@@ -23,7 +23,14 @@ from l2l_peft.task import load_task
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "l2l_peft", *args], capture_output=True, text=True, env=full_env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "l2l_peft", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=120,
+        check=False,
+    )
 
 
 @pytest.mark.parametrize("target", list(CLASSES))
@@ -31,7 +38,16 @@ def test_cli_every_target(tmp_path, vit_dir, target):
     task, _ = make_task(target)
     layout = old_layout(task) if target is TaskTarget.ORDINAL_REGRESSION else task
     out = tmp_path / "out.pkl"
-    proc = cli(str(write_task(layout, tmp_path / "in.pkl")), str(out), "--model", str(vit_dir), "--max-steps", "5", "--cpu", "--strict")
+    proc = cli(
+        str(write_task(layout, tmp_path / "in.pkl")),
+        str(out),
+        "--model",
+        str(vit_dir),
+        "--max-steps",
+        "5",
+        "--cpu",
+        "--strict",
+    )
     assert proc.returncode == 0, proc.stderr
     with out.open("rb") as f:
         probs = pickle.load(f)
@@ -51,12 +67,16 @@ def test_cli_unreadable_input_is_one_line_error(tmp_path, vit_dir):
 
 def test_cli_missing_model_strict_fails_clearly(tmp_path):
     task_path = write_task(make_task()[0], tmp_path / "in.pkl")
-    proc = cli(str(task_path), str(tmp_path / "out.pkl"), "--model", "org/absent", "--cache-dir", str(tmp_path), "--strict")
+    proc = cli(
+        str(task_path), str(tmp_path / "out.pkl"), "--model", "org/absent", "--cache-dir", str(tmp_path), "--strict"
+    )
     assert proc.returncode == 3 and "prefetch.py" in proc.stderr
 
 
 def test_parser_mirrors_config_fields():
-    args = build_parser().parse_args(["a.pkl", "b.pkl", "--max-steps", "7", "--no-augment", "--method", "dora", "--time-budget", "9.5"])
+    args = build_parser().parse_args(
+        ["a.pkl", "b.pkl", "--max-steps", "7", "--no-augment", "--method", "dora", "--time-budget", "9.5"]
+    )
     assert (args.max_steps, args.augment, args.method, args.time_budget) == (7, False, "dora", 9.5)
 
 
@@ -78,7 +98,17 @@ def test_sigterm_mid_adaptation_leaves_the_prior_and_exits_promptly(tmp_path, vi
     task = make_task(n_support=6, n_query=5)[0]
     out = tmp_path / "out.pkl"
     command = [sys.executable, "-m", "l2l_peft", str(write_task(task, tmp_path / "in.pkl")), str(out)]
-    command += ["--model", str(vit_dir), "--cpu", "--max-steps", "1000000", "--min-steps", "1000000", "--log-level", "DEBUG"]
+    command += [
+        "--model",
+        str(vit_dir),
+        "--cpu",
+        "--max-steps",
+        "1000000",
+        "--min-steps",
+        "1000000",
+        "--log-level",
+        "DEBUG",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     guard = threading.Timer(60, proc.kill)  # a hang fails here, not at the suite's timeout
@@ -162,3 +192,13 @@ def test_failed_allocation_while_reading_is_one_line_exit_2(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot read the task" in err
     assert not (tmp_path / "out.pkl").exists()
+
+
+def test_an_empty_budget_variable_means_the_container_default(tmp_path, vit_dir, monkeypatch):
+    """L2L_PEFT_TIME_BUDGET set but empty counts as unset (with_env), so the CLI's 600 s default applies."""
+    monkeypatch.setenv("L2L_PEFT_TIME_BUDGET", "")
+    task_path = write_task(make_task()[0], tmp_path / "in.pkl")
+    options = ["--model", str(vit_dir), "--cpu", "--method", "head", "--max-steps", "1", "--log-level", "WARNING"]
+    assert main([str(task_path), str(tmp_path / "out.pkl"), *options]) == 0
+    with open(tmp_path / "out.pkl", "rb") as f:
+        assert pickle.load(f).shape == (9, 3)

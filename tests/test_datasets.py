@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import level_images, save_npz_dataset
 from torchcross.data.task import TaskTarget
 
-from conftest import level_images, save_npz_dataset
 from l2l_peft.datasets import load_npz_dir
 
 

@@ -39,14 +39,27 @@ def test_dev_demo_task_is_valid():
 
 def test_pretraining_datasets_come_from_the_model_card(tmp_path):
     seen = pretraining_datasets(REPO_CACHE / "l2l-vit-tiny-med")
-    assert seen == ["bccd_multilabel", "brain_tumor_mri", "lc25000_lung_histo", "pneumoniamnist", "retinamnist", "wbc_type_bccd"]
+    assert seen == [
+        "bccd_multilabel",
+        "brain_tumor_mri",
+        "lc25000_lung_histo",
+        "pneumoniamnist",
+        "retinamnist",
+        "wbc_type_bccd",
+    ]
     assert pretraining_datasets(tmp_path) is None  # no card
 
 
 def test_demo_runs_end_to_end_and_says_what_the_score_means(vit_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "L2L_PEFT_MODEL": str(vit_dir)}
-    proc = subprocess.run([sys.executable, "-m", "l2l_peft.demo", "--time-budget", "60"], check=False, capture_output=True,
-                          text=True, env=env, timeout=240)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "l2l_peft.demo", "--time-budget", "60"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "pbc_blood_cells: query accuracy" in proc.stderr and "AUROC" in proc.stderr
     assert "its model card does not list its pretraining data" in proc.stderr

@@ -10,13 +10,21 @@ import pytest
 from l2l_peft.extras import MissingExtraError, require
 
 # `python -m MODULE --help` with matplotlib made unimportable, as if the extra were not installed
-WITHOUT_MATPLOTLIB = "import runpy, sys; sys.modules['matplotlib'] = None; sys.argv[0] = {0!r}; runpy.run_module({0!r}, run_name='__main__', alter_sys=True)"
+WITHOUT_MATPLOTLIB = (
+    "import runpy, sys; sys.modules['matplotlib'] = None; sys.argv[0] = {0!r}; "
+    "runpy.run_module({0!r}, run_name='__main__', alter_sys=True)"
+)
 
 
 @pytest.mark.parametrize("module", ["l2l_peft.experiments", "l2l_peft.pretrain", "l2l_peft.demo"])
 def test_missing_extra_is_one_line_naming_the_install(module):
-    proc = subprocess.run([sys.executable, "-c", WITHOUT_MATPLOTLIB.format(module), "--help"], check=False, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", WITHOUT_MATPLOTLIB.format(module), "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     line = f'error: python -m {module} needs the "experiments" extra (missing: matplotlib); '
     assert proc.stderr.strip().splitlines() == [line + 'install it with: pip install "l2l-peft[experiments]"']

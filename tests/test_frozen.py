@@ -1,14 +1,17 @@
-"""Frozen-feature baselines: output format per target, the probe fits its support, prototypes refuse regression."""
+"""Frozen-feature methods: output format per target, the probe fits its support, prototypes refuse regression,
+and they go through api.run like every method (settings from the experiments' YAML, ensembles)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_task
 from torchcross.data.task import TaskTarget
 
-from conftest import make_task
-from l2l_peft.config import AdaptConfig
-from l2l_peft.frozen import Frozen, ProbeConfig, probe_config, run_frozen
+from l2l_peft import run
+from l2l_peft.config import AdaptConfig, Method
+from l2l_peft.experiments.methods import Kind, Variant
+from l2l_peft.frozen import FEATURE_METHODS
 from l2l_peft.task import TaskError, load_task
 
 CLASSIFICATION = [
@@ -35,16 +38,16 @@ def _check_format(probs: torch.Tensor, target: TaskTarget, n_query: int, n_class
 
 
 @pytest.mark.parametrize("target", CLASSIFICATION + [TaskTarget.REGRESSION])
-@pytest.mark.parametrize("kind", list(Frozen))
+@pytest.mark.parametrize("kind", FEATURE_METHODS)
 def test_output_format(vit_dir, target, kind):
     task, _ = make_task(target, n_support=12, n_query=7)
     data = load_task(task)
-    config = AdaptConfig(model=str(vit_dir))
-    if kind is Frozen.PROTOTYPES and target is TaskTarget.REGRESSION:
+    config = AdaptConfig(model=str(vit_dir), method=kind)
+    if kind is Method.PROTOTYPES and target is TaskTarget.REGRESSION:
         with pytest.raises(TaskError, match="regression"):
-            run_frozen(data, config, kind)
+            run(data, config)
         return
-    result = run_frozen(data, config, kind)
+    result = run(data, config)
     _check_format(result.probabilities, target, 7, len(data.classes))
     assert set(result.timings) == {"load", "adapt", "predict", "total"}
     assert result.trainable_parameters > 0
@@ -55,19 +58,35 @@ def test_linear_probe_fits_its_support(vit_dir):
     task, _ = make_task(TaskTarget.MULTICLASS_CLASSIFICATION, n_support=12, n_query=0)
     data = load_task(task)
     data.query_images = data.support_images
-    probs = run_frozen(data, AdaptConfig(model=str(vit_dir)), Frozen.LINEAR_PROBE, ProbeConfig(l2=1e-6)).probabilities
+    probs = run(data, AdaptConfig(model=str(vit_dir), method="linear-probe", probe_l2=1e-6)).probabilities
     assert (probs.argmax(1) == data.support_labels).all()
 
 
 def test_probe_is_deterministic(vit_dir):
     data = load_task(make_task(TaskTarget.BINARY_CLASSIFICATION)[0])
-    config = AdaptConfig(model=str(vit_dir))
-    first = run_frozen(data, config, Frozen.LINEAR_PROBE).probabilities
-    torch.testing.assert_close(run_frozen(data, config, Frozen.LINEAR_PROBE).probabilities, first)
+    config = AdaptConfig(model=str(vit_dir), method="linear-probe")
+    first = run(data, config).probabilities
+    torch.testing.assert_close(run(data, config).probabilities, first)
 
 
 def test_probe_config_split_and_validation():
-    probe, rest = probe_config({"l2": 0.5, "max_steps": 3})
-    assert probe == ProbeConfig(l2=0.5) and rest == {"max_steps": 3}
-    with pytest.raises(ValueError, match="l2"):
-        ProbeConfig(l2=-1)
+    """The YAML's linear_probe params l2 and max_iter set probe_l2 and probe_max_iter; the rest are AdaptConfig's."""
+    config = Variant("probe", "probe", Kind.LINEAR_PROBE, {"l2": 0.5, "max_steps": 3}).config(AdaptConfig(), seed=0)
+    assert (config.methods, config.probe_l2, config.probe_max_iter, config.max_steps) == (
+        (Method.LINEAR_PROBE,),
+        0.5,
+        200,
+        3,
+    )
+    with pytest.raises(ValueError, match="probe_l2"):
+        AdaptConfig(probe_l2=-1)
+
+
+def test_a_frozen_feature_method_joins_an_ensemble(vit_dir):
+    """One door: prototypes average with a trained member like any method."""
+    data = load_task(make_task(TaskTarget.MULTICLASS_CLASSIFICATION)[0])
+    common = dict(model=str(vit_dir), cpu=True, max_steps=3, min_steps=1)
+    both = run(data, method="head+prototypes", **common)
+    head, prototypes = (run(data, method=m, **common).probabilities for m in ("head", "prototypes"))
+    assert both.methods == "head+prototypes" and not torch.allclose(head, prototypes)
+    torch.testing.assert_close(both.probabilities, (head + prototypes) / 2)

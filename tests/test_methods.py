@@ -7,8 +7,7 @@ import torch
 from conftest import make_task
 from torchcross.data.task import TaskTarget
 
-import l2l_peft.api as api
-from l2l_peft import Method, run
+from l2l_peft import Method, api, run
 from l2l_peft.adapters import find_target_modules
 from l2l_peft.backbone import load_backbone
 

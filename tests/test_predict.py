@@ -12,7 +12,6 @@ from torch import nn
 
 from l2l_peft import AdaptConfig, run
 from l2l_peft import predict as predict_module
-from l2l_peft.frozen import Frozen, run_frozen
 from l2l_peft.predict import fill_with_prior, predict
 from l2l_peft.targets import build_objective, class_prior
 from l2l_peft.task import load_task
@@ -52,7 +51,7 @@ def test_prediction_stops_before_a_batch_that_would_pass_the_deadline(monkeypatc
 def test_a_spent_budget_answers_the_prior_for_every_query(vit_dir, predictor):
     data = load_task(make_task(n_support=6, n_query=40)[0])
     config = AdaptConfig(model=str(vit_dir), cpu=True, max_steps=3, min_steps=1, predict_batch_size=4, time_budget=1e-6)
-    result = run(data, config) if predictor == "adapted" else run_frozen(data, config, Frozen.PROTOTYPES)
+    result = run(data, config) if predictor == "adapted" else run(data, config, method="prototypes")
     assert result.prior_rows == 40
     assert torch.equal(result.probabilities, class_prior(data))
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from conftest import save_tiny_model
+
 from l2l_peft.backbone import load_backbone, resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,10 +92,12 @@ def test_hub_without_network_is_a_clear_error(tmp_path, offline):
         s.bind(("127.0.0.1", 0))
         proxy = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed once the block ends
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    env |= {"HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "ALL_PROXY": proxy} | ({"HF_HUB_OFFLINE": "1"} if offline else {})
+    env |= {"HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "ALL_PROXY": proxy} | (
+        {"HF_HUB_OFFLINE": "1"} if offline else {}
+    )
     done = subprocess.run(
         [sys.executable, str(ROOT / "prefetch.py"), "--cache", str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=60,
+        env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 1
     expected = "HF_HUB_OFFLINE is set" if offline else "cannot reach the Hugging Face Hub"

@@ -1,4 +1,4 @@
-"""Pretraining: a tiny CPU run exports a backbone adapt() loads offline; resume continues exactly; the DINO objective."""
+"""Pretraining: a tiny CPU run exports a backbone adapt() loads offline; resume continues exactly; DINO."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import level_images, make_task, save_npz_dataset
 from safetensors import safe_open
 
-from conftest import level_images, make_task, save_npz_dataset
 from l2l_peft import adapt
 from l2l_peft.backbone import load_backbone
 from l2l_peft.pretrain import data as pretrain_data
@@ -37,17 +37,29 @@ def data_dir(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     labels = np.arange(30) % 3
     split = np.array([0] * 20 + [2] * 10)
-    save_npz_dataset(root, "gray_mc", level_images(labels, (16, 16), 80, rng), labels, "multiclass", split, domain="synthetic gray")
-    save_npz_dataset(root, "rgb_ml", rng.integers(0, 255, (12, 20, 24, 3), dtype=np.uint8), rng.integers(0, 2, (12, 3)), "multilabel")
+    save_npz_dataset(
+        root, "gray_mc", level_images(labels, (16, 16), 80, rng), labels, "multiclass", split, domain="synthetic gray"
+    )
+    save_npz_dataset(
+        root, "rgb_ml", rng.integers(0, 255, (12, 20, 24, 3), dtype=np.uint8), rng.integers(0, 2, (12, 3)), "multilabel"
+    )
     return root
 
 
 @pytest.fixture(scope="module")
 def config_path(data_dir, tmp_path_factory) -> Path:
     config = {
-        "sources": [{"kind": "npz", "path": str(data_dir)}], "image_size": 32, "patch_size": 8, "vit_overrides": TINY_VIT,
-        "steps": 4, "batch_size": 8, "log_every": 1, "checkpoint_every": 2, "warmup_steps": 2, "name": "tiny-test",
-    }  # fmt: skip
+        "sources": [{"kind": "npz", "path": str(data_dir)}],
+        "image_size": 32,
+        "patch_size": 8,
+        "vit_overrides": TINY_VIT,
+        "steps": 4,
+        "batch_size": 8,
+        "log_every": 1,
+        "checkpoint_every": 2,
+        "warmup_steps": 2,
+        "name": "tiny-test",
+    }
     path = tmp_path_factory.mktemp("cfg") / "pretrain.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -55,7 +67,7 @@ def config_path(data_dir, tmp_path_factory) -> Path:
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
     with safe_open(directory / "model.safetensors", "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict: it has keys(), no __iter__
 
 
 def test_sources_drop_test_split_and_excluded(config_path):
@@ -65,6 +77,21 @@ def test_sources_drop_test_split_and_excluded(config_path):
     assert [d.name for d in load_sources(load_config(config_path, exclude=["gray_mc"]))] == ["rgb_ml"]
     with pytest.raises(ValueError, match="unknown pretraining setting"):
         load_config(config_path, learning_rate=1.0)
+
+
+@pytest.mark.parametrize(
+    "setting, value, error",
+    [
+        ("max_minutes", 0, "> 0 or null"),
+        ("lr", 0.0, "> 0"),
+        ("warmup_steps", -1, ">= 0"),
+        ("vflip", 1.5, r"in \[0, 1\]"),
+    ],
+)
+def test_out_of_range_settings_are_errors(config_path, setting, value, error):
+    """Rejected by name instead of silently meaning something else (max_minutes 0 used to mean no budget)."""
+    with pytest.raises(ValueError, match=rf"PretrainConfig\.{setting} must be {error}"):
+        load_config(config_path, **{setting: value})
 
 
 def test_augment_gives_challenge_form():
@@ -116,12 +143,31 @@ def test_two_process_launch(config_path, tmp_path):
     """DDP across 2 CPU processes (gloo) through accelerate launch; both must agree on the stop step."""
     out = tmp_path / "ddp"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "l2l_peft.pretrain", str(config_path),
-        "--output", str(out), "--steps", "2", "--cpu", "--log-level", "WARNING",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "l2l_peft.pretrain",
+        str(config_path),
+        "--output",
+        str(out),
+        "--steps",
+        "2",
+        "--cpu",
+        "--log-level",
+        "WARNING",
+    ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 2 and "2 x CPU" in (out / "README.md").read_text()
@@ -148,8 +194,15 @@ def test_leave_one_out_script_pretrains_without_each_dataset(data_dir, tmp_path)
     repo = Path(__file__).resolve().parent.parent
     shutil.copytree(repo / "configs", tmp_path / "configs")
     env = {**os.environ, "PYTHONPATH": str(repo), "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(["bash", str(repo / "scripts" / "pretrain_loo.sh"), "0", str(data_dir)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        ["bash", str(repo / "scripts" / "pretrain_loo.sh"), "0", str(data_dir)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in ("gray_mc", "rgb_ml"):
         card = (tmp_path / "runs" / "loo" / name / "README.md").read_text()
@@ -159,7 +212,10 @@ def test_leave_one_out_script_pretrains_without_each_dataset(data_dir, tmp_path)
 
 def test_pretraining_keeps_attention_off_cudnn(config_path, tmp_path, sdpa_calls):
     """As adapt(): training forwards run with cuDNN's attention kernel disabled (attention.TRAINING_BACKENDS)."""
-    assert main([str(config_path), "--output", str(tmp_path / "run"), "--stop-at", "1", "--cpu", "--log-level", "WARNING"]) == 0
+    assert (
+        main([str(config_path), "--output", str(tmp_path / "run"), "--stop-at", "1", "--cpu", "--log-level", "WARNING"])
+        == 0
+    )
     training = [cudnn for grad, cudnn in sdpa_calls if grad]
     assert training and not any(training)
 
@@ -173,7 +229,10 @@ def test_compiled_pretraining_trains_like_eager(config_path, tmp_path):
     counters.clear()
     assert main([str(config_path), "--output", str(tmp_path / "compiled"), "--compile", *args]) == 0
     assert counters["stats"]["unique_graphs"] >= 1  # dynamo did compile the model
-    eager, compiled = ([json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("eager", "compiled"))
+    eager, compiled = (
+        [json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        for run in ("eager", "compiled")
+    )
     assert compiled == pytest.approx(eager, rel=1e-3)
     assert _weights(tmp_path / "eager").keys() == _weights(tmp_path / "compiled").keys()
 
@@ -213,8 +272,13 @@ def test_ssl_settings_are_validated(config_path, changes, name):
 
 def test_multi_crop_views(config_path):
     """ssl: two global views at image_size and small local ones, view-major; supervised: today's single view."""
-    batches = [torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8), torch.randint(0, 256, (2, 3, 20, 24), dtype=torch.uint8)]
-    images, local = MultiCrop.for_config(load_config(config_path, objective="ssl", **SSL))(batches, torch.Generator().manual_seed(0))
+    batches = [
+        torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8),
+        torch.randint(0, 256, (2, 3, 20, 24), dtype=torch.uint8),
+    ]
+    images, local = MultiCrop.for_config(load_config(config_path, objective="ssl", **SSL))(
+        batches, torch.Generator().manual_seed(0)
+    )
     assert images.shape == (2 * 5, 3, 32, 32) and local.shape == (2 * 5, 3, 16, 16)
     assert not torch.equal(images[:5], images[5:])  # two different views of the same images
     images, local = MultiCrop.for_config(load_config(config_path))(batches, torch.Generator().manual_seed(0))
@@ -251,16 +315,30 @@ def test_dino_teacher_is_an_ema_without_gradients(config_path):
 
 
 def test_ssl_needs_no_labels_and_exports_only_the_backbone(config_path, tmp_path, monkeypatch):
-    """objective ssl builds no supervised objective (labels are never read); teacher and heads stay in the checkpoint."""
+    """objective ssl builds no supervised objective (labels never read); teacher and heads stay in the checkpoint."""
     monkeypatch.setattr(pretrain_data, "build_objective", lambda *a: pytest.fail("ssl built a supervised objective"))
     out = tmp_path / "run"
-    assert main([str(_variant(config_path, tmp_path, objective="ssl", **SSL)), "--output", str(out), "--cpu", "--log-level", "WARNING"]) == 0
+    assert (
+        main(
+            [
+                str(_variant(config_path, tmp_path, objective="ssl", **SSL)),
+                "--output",
+                str(out),
+                "--cpu",
+                "--log-level",
+                "WARNING",
+            ]
+        )
+        == 0
+    )
     weights = _weights(out)
     assert weights and not any(part in k for k in weights for part in ("heads", "ssl", "teacher", "center"))
     features = load_backbone(str(out))(torch.zeros(2, 1, 28, 28))
     assert features.shape == (2, 64) and bool(torch.isfinite(features).all())
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["losses"].keys() == {"ssl"} and math.isfinite(r["loss"]) for r in log)
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(
+        r["losses"].keys() == {"ssl"} and math.isfinite(r["loss"]) for r in log
+    )
     teacher = torch.load(out / "checkpoint" / "custom_checkpoint_0.pkl", weights_only=True)
     assert {"center", "head.prototypes"} <= teacher.keys() and any(k.startswith("backbone.model.") for k in teacher)
 
@@ -274,14 +352,18 @@ def test_both_resumes_with_teacher_and_center(config_path, tmp_path):
     assert main([str(path), "--output", str(whole), *args]) == 0
     last = json.loads((whole / "log.jsonl").read_text().splitlines()[-1])
     assert last["losses"].keys() == {"gray_mc", "rgb_ml", "ssl"}
-    assert last["loss"] == pytest.approx((last["losses"]["gray_mc"] + last["losses"]["rgb_ml"]) / 2 + 0.5 * last["losses"]["ssl"], abs=1e-4)
+    assert last["loss"] == pytest.approx(
+        (last["losses"]["gray_mc"] + last["losses"]["rgb_ml"]) / 2 + 0.5 * last["losses"]["ssl"], abs=1e-4
+    )
     assert main([str(path), "--output", str(split), "--stop-at", "2", *args]) == 0
     assert main([str(path), "--output", str(split), *args]) == 0
     a, b = _weights(whole), _weights(split)
     assert all(torch.equal(a[k], b[k]) for k in a)
     teachers = [torch.load(run / "checkpoint" / "custom_checkpoint_0.pkl", weights_only=True) for run in (whole, split)]
     assert all(torch.equal(teachers[0][k], teachers[1][k]) for k in teachers[0])
-    assert main([str(config_path), "--output", str(split), *args]) == 2  # a supervised config on this checkpoint: refused
+    assert (
+        main([str(config_path), "--output", str(split), *args]) == 2
+    )  # a supervised config on this checkpoint: refused
 
 
 CENTER_WORKER = """
@@ -323,5 +405,5 @@ PRETRAIN_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs" / 
 
 @pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=lambda p: p.stem)
 def test_pretrain_configs_are_valid(path):
-    """The configs the GPU runs will use pass validation (a typo would only surface on the device), commands in the header."""
+    """The GPU runs' configs pass validation (a typo would surface only on the device); headers name them."""
     assert load_config(path).sources and f"-m l2l_peft.pretrain configs/pretrain/{path.name}" in path.read_text()

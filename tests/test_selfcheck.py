@@ -13,4 +13,3 @@ def test_selfcheck_adapts_and_checks_the_output(vit_dir):
     proc = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "selfcheck: ok, output (6, 3)" in proc.stdout
-

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import make_task
@@ -11,6 +13,7 @@ from l2l_peft import run
 from l2l_peft.api import build_classifier
 from l2l_peft.backbone import cast_frozen, load_backbone
 from l2l_peft.config import AdaptConfig
+from l2l_peft.graphs import GRAPH_MAX_BATCH, use_graphs
 from l2l_peft.prefix import frozen_prefix
 from l2l_peft.targets import build_objective
 from l2l_peft.task import load_task
@@ -96,7 +99,15 @@ def test_bf16_stream_trains_every_method(vit_dir):
 @pytest.mark.parametrize("last_blocks", [None, 1])
 def test_cuda_graph_trains_like_eager(vit_dir, target, last_blocks):
     task, _ = make_task(target)
-    common = dict(method="lora", max_steps=12, min_steps=12, augment=False, lora_dropout=0.0, lora_last_blocks=last_blocks, precision="bf16")
+    common = dict(
+        method="lora",
+        max_steps=12,
+        min_steps=12,
+        augment=False,
+        lora_dropout=0.0,
+        lora_last_blocks=last_blocks,
+        precision="bf16",
+    )
     graphed = run(task, model=str(vit_dir), cuda_graphs=True, **common)
     eager = run(task, model=str(vit_dir), cuda_graphs=False, **common)
     assert graphed.train.final_loss == pytest.approx(eager.train.final_loss, rel=2e-2, abs=1e-3)
@@ -125,10 +136,14 @@ def test_flash_attention_matches_sdpa_and_is_captured():
 
     module = torch.nn.Module()
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 50, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_() for _ in range(3))
+    q, k, v = (
+        torch.randn(2, 4, 50, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_() for _ in range(3)
+    )
     with torch.no_grad():  # an autograd graph built here, on the default stream, would break the capture below
         out, weights = flash_or_sdpa(module, q, k, v, None, scaling=0.125)
-        reference = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=0.125).transpose(1, 2)
+        reference = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), scale=0.125
+        ).transpose(1, 2)
     assert weights is None and out.shape == (2, 50, 4, 64)
     torch.testing.assert_close(out.float(), reference, atol=2e-2, rtol=2e-2)
 
@@ -158,3 +173,19 @@ def test_training_keeps_attention_off_cudnn(vit_dir, sdpa_calls):
     training = [cudnn for grad, cudnn in sdpa_calls if grad]
     assert training and not any(training)
     assert all(cudnn for grad, cudnn in sdpa_calls if not grad)
+
+
+@pytest.mark.parametrize(
+    ("enabled", "device", "precision", "batch", "expected"),
+    [
+        (True, "cuda", "bf16", GRAPH_MAX_BATCH, True),
+        (True, "cuda", "no", 8, True),
+        (True, "cuda", "bf16", GRAPH_MAX_BATCH + 1, False),  # replays ran slower than eager at large batches
+        (True, "cuda", "fp16", 8, False),  # loss scaling
+        (True, "cpu", "no", 8, False),
+        (False, "cuda", "bf16", 8, False),
+    ],
+)
+def test_when_training_steps_are_graphed(enabled, device, precision, batch, expected):
+    accelerator = SimpleNamespace(device=torch.device(device), mixed_precision=precision)
+    assert use_graphs(enabled, accelerator, batch) is expected

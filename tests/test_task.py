@@ -150,7 +150,10 @@ def _bad_cases():
         "binary shape": (_with(binary, support=[(img, torch.tensor([1, 0]))] * 4), "shape"),
         "multilabel length": (_with(multi, support=[(img, torch.tensor([1, 0]))] * 4), "multi-hot"),
         "multilabel values": (_with(multi, support=multi.support + [(img, torch.tensor([1, 2, 0]))]), "multi-hot"),
-        "ordinal range": (_with(task, target=TaskTarget.ORDINAL_REGRESSION, support=task.support + [(img, torch.tensor(7))]), "not one of"),
+        "ordinal range": (
+            _with(task, target=TaskTarget.ORDINAL_REGRESSION, support=task.support + [(img, torch.tensor(7))]),
+            "not one of",
+        ),
         "segmentation": (_with(task, target=TaskTarget.BINARY_SEGMENTATION), "segmentation"),
         "unknown target": (_with(task, target="classify"), "unknown task target"),
         "query shape": (_with(task, query=[torch.zeros(3, 16, 16)]), "query images"),
@@ -172,7 +175,12 @@ def test_empty_query_is_allowed():
 
 def test_challenge_task_round_trips_and_pickles_each_image_once():
     images, labels = torch.rand(12, 3, 16, 16) * 2 - 1, torch.arange(12) % 3
-    task = challenge_task(images, labels, 6, TaskDescription(TaskTarget.MULTICLASS_CLASSIFICATION, CLASSES[TaskTarget.MULTICLASS_CLASSIFICATION], "t"))
+    task = challenge_task(
+        images,
+        labels,
+        6,
+        TaskDescription(TaskTarget.MULTICLASS_CLASSIFICATION, CLASSES[TaskTarget.MULTICLASS_CLASSIFICATION], "t"),
+    )
     blob = pickle.dumps(task)
     data = load_task(blob)
     torch.testing.assert_close(data.support_images, images[:6])
@@ -215,7 +223,9 @@ def test_billion_laughs_image_fails_fast(tmp_path):
     assert len(pickle.dumps(laughs)) < 500
     path = tmp_path / "laughs.pkl"
     path.write_bytes(pickle.dumps(_with(task, support=[(laughs, task.support[0][1])] + task.support[1:])))
-    proc = subprocess.run([sys.executable, "-c", _LOAD_AND_TIME, str(path)], capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOAD_AND_TIME, str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
     seconds, message = proc.stdout.split(" ", 1)
     assert "nested more than 8 lists deep" in message, proc.stderr
     assert float(seconds) < 5

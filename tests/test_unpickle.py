@@ -28,7 +28,8 @@ class Call:
 
 
 def storage(n: int = 4, dtype=torch.uint8, *, claim: int | None = None) -> Call:
-    """A legacy storage blob of `n` elements, as tensor pickles embed it; `claim` rewrites the element count it states."""
+    """A legacy storage blob of `n` elements, as tensor pickles embed it; `claim` rewrites the element count it
+    states."""
     buffer = io.BytesIO()
     with warnings.catch_warnings():  # TypedStorage is deprecated, but it is what tensor pickles hold
         warnings.simplefilter("ignore")
@@ -63,9 +64,12 @@ def test_every_protocol_loads(layout, protocol):
 
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
 def test_numpy_arrays_of_every_protocol_load(protocol):
-    """Protocol 5 pickles (transposed) arrays through numpy's _frombuffer; an empty array's data is b"" (builtins.bytes below 3)."""
+    """Protocol 5 pickles (transposed) arrays through numpy's _frombuffer; an empty array's data is b""
+    (builtins.bytes below 3)."""
     task, _ = make_task(n_support=4, n_query=0)
-    numpy_task = Task([(x.numpy().transpose(0, 2, 1), y.numpy()) for x, y in task.support], np.zeros((0, 32, 32, 3)), task.description)
+    numpy_task = Task(
+        [(x.numpy().transpose(0, 2, 1), y.numpy()) for x, y in task.support], np.zeros((0, 32, 32, 3)), task.description
+    )
     data = load_task(pickle.dumps(numpy_task, protocol=protocol))
     torch.testing.assert_close(data.support_images, torch.stack([x.transpose(1, 2) for x, _ in task.support]))
     assert len(data.query_images) == 0
@@ -89,7 +93,8 @@ def test_storage_blob_claiming_more_than_it_holds_is_refused():
 
 
 def test_tensors_come_without_gradients_or_hooks():
-    """A pickled tensor can carry requires_grad and backward hooks (any allowlisted callable) that would run in training."""
+    """A pickled tensor can carry requires_grad and backward hooks (any allowlisted callable) that would run in
+    training."""
     hooked = tensor((2, 2), (2, 1), source=storage(4, torch.float32), requires_grad=True, hooks=OrderedDict([(0, set)]))
     loaded = unpickle_task(pickle.dumps([hooked]))[0]
     assert not loaded.requires_grad and not loaded._backward_hooks

@@ -51,9 +51,15 @@ def training_attention(backend: SDPBackend) -> Iterator[None]:
         yield
 
 
-def kernel_time(backend: SDPBackend, batch: int, heads: int, tokens: int = 197, dim: int = 64, iters: int = 30) -> float:
-    """Milliseconds of one forward + backward on [batch, heads, tokens, dim] views of a [batch, tokens, heads*dim] tensor."""
-    qkv = [torch.randn(batch, tokens, heads * dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+def kernel_time(
+    backend: SDPBackend, batch: int, heads: int, tokens: int = 197, dim: int = 64, iters: int = 30
+) -> float:
+    """Milliseconds of one forward + backward on [batch, heads, tokens, dim] views of a [batch, tokens, heads*dim]
+    tensor."""
+    qkv = [
+        torch.randn(batch, tokens, heads * dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(3)
+    ]
     views = lambda: [t.view(batch, tokens, heads, dim).transpose(1, 2) for t in qkv]
     grad = torch.randn(batch, heads, tokens, dim, device="cuda", dtype=torch.bfloat16)
     with sdpa_kernel([backend]):
@@ -68,7 +74,8 @@ def kernel_time(backend: SDPBackend, batch: int, heads: int, tokens: int = 197, 
 
 def gradient_errors(backend: SDPBackend, batch: int, heads: int = 12, tokens: int = 197, dim: int = 64,
                     needs_grad: str = "qkv") -> list[float]:  # fmt: skip
-    """Relative error of output and the gradients of `needs_grad` against float64 math attention, in the model's layouts.
+    """Relative error of output and the gradients of `needs_grad` against float64 math attention, in the model's
+    layouts.
 
     As in attention.py: q, k, v are strided [B, H, S, D] views of [B, S, H*D] projections, and
     the output goes back to [B, S, H, D] before the next projection, so its gradient arrives strided.
@@ -90,7 +97,8 @@ def gradient_errors(backend: SDPBackend, batch: int, heads: int = 12, tokens: in
 
 def lora_gradients(model_dir: Path, backend: SDPBackend | None, images: torch.Tensor, labels: torch.Tensor,
                    eval_first: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
-    """LoRA gradients of one training step of a fresh ViT (same seed), in float32 with math attention when backend is None.
+    """LoRA gradients of one training step of a fresh ViT (same seed), in float32 with math attention when backend
+    is None.
 
     eval_first runs a no-grad eval forward first, as adapt() does for the prototype head, so a
     kernel that caches its plans meets the training call second.
@@ -139,11 +147,16 @@ def model_errors(model_dir: Path, batch: int, eval_first: bool = False) -> None:
 
 def check_part(args: argparse.Namespace, peak: float) -> None:
     q = torch.randn(8, 12, 197, 64, device="cuda", dtype=torch.bfloat16)
-    print(f"SDPA's own choice for bf16 [8, 12, 197, 64]: {SDPBackend(torch._fused_sdp_choice(q, q, q)).name}", flush=True)
+    print(
+        f"SDPA's own choice for bf16 [8, 12, 197, 64]: {SDPBackend(torch._fused_sdp_choice(q, q, q)).name}", flush=True
+    )
     for batch, needs_grad in ((8, "qkv"), (128, "qkv"), (128, "qv")):
         for name, backend in BACKENDS.items():
-            print(f"batch {batch}, grads of {needs_grad}: bf16 {name} vs float64 math, relative error: "
-                  f"{_errors_text(gradient_errors(backend, batch, needs_grad=needs_grad), needs_grad)}", flush=True)  # fmt: skip
+            print(
+                f"batch {batch}, grads of {needs_grad}: bf16 {name} vs float64 math, relative error: "
+                f"{_errors_text(gradient_errors(backend, batch, needs_grad=needs_grad), needs_grad)}",
+                flush=True,
+            )
     # First a call at new shapes whose output gradient is contiguous, then the model's strided one
     # (run 8: cuDNN's model-level LoRA gradients were wrong after the kernels part had timed it).
     for name in ("flash", "cudnn"):
@@ -152,7 +165,9 @@ def check_part(args: argparse.Namespace, peak: float) -> None:
               f"{_errors_text(gradient_errors(BACKENDS[name], 64), 'qkv')}", flush=True)  # fmt: skip
         # inference: a forward on contiguous [B, H, S, D] inputs first, then the model's strided views
         with torch.no_grad(), sdpa_kernel([BACKENDS[name]]):
-            F.scaled_dot_product_attention(*(torch.randn(32, 12, 197, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3)))
+            F.scaled_dot_product_attention(
+                *(torch.randn(32, 12, 197, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            )
         print(f"batch 32 after a contiguous-input forward: bf16 {name} vs float64 math, relative error: "
               f"{_errors_text(gradient_errors(BACKENDS[name], 32, needs_grad=''), '')}", flush=True)  # fmt: skip
 
@@ -172,7 +187,10 @@ def kernels_part(args: argparse.Namespace, peak: float) -> None:
         for name, backend in BACKENDS.items():
             try:
                 ms = kernel_time(backend, 128, heads)
-                print(f"{arch} attention batch 128, {name}: {ms:.2f} ms/layer fwd+bwd, {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
+                print(
+                    f"{arch} attention batch 128, {name}: {ms:.2f} ms/layer fwd+bwd, {flops / ms / 1e9:.0f} TFLOP/s",
+                    flush=True,
+                )
             except RuntimeError as err:
                 print(f"{arch} attention, {name}: unavailable ({str(err).splitlines()[0][:100]})", flush=True)
 
@@ -193,9 +211,12 @@ def training_part(args: argparse.Namespace, peak: float) -> None:
                     print(f"{arch} training, {name}: failed ({str(err).splitlines()[0][:100]})", flush=True)
                     break
                 rate = report.steps * flops / report.seconds / 1e12
-                print(f"{arch} training batch 128, {name}{' (direct call)' if name == 'flash' else ''}, seed {seed}: "
-                      f"{report.seconds:.2f}s {report.images_per_second:.0f} img/s {rate:.0f} TFLOP/s {rate / peak:.0%} "
-                      f"loss {report.final_loss:.3f}", flush=True)  # fmt: skip
+                print(
+                    f"{arch} training batch 128, {name}{' (direct call)' if name == 'flash' else ''}, seed {seed}: "
+                    f"{report.seconds:.2f}s {report.images_per_second:.0f} img/s {rate:.0f} TFLOP/s {rate / peak:.0%} "
+                    f"loss {report.final_loss:.3f}",
+                    flush=True,
+                )
 
 
 PARTS = {"check": check_part, "model": model_part, "kernels": kernels_part, "training": training_part}
@@ -204,7 +225,9 @@ PARTS = {"check": check_part, "model": model_part, "kernels": kernels_part, "tra
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", type=Path, default=Path("/tmp/bench_models"))
-    parser.add_argument("--parts", default="check,model,kernels,training", help="comma-separated parts, run in this order")
+    parser.add_argument(
+        "--parts", default="check,model,kernels,training", help="comma-separated parts, run in this order"
+    )
     parser.add_argument("--archs", default="vit-b16,vit-l16", help="models of the training part")
     parser.add_argument("--backends", default=",".join(BACKENDS), help="kernels of the training part")
     parser.add_argument("--seeds", type=int, default=1, help="training runs per kernel (seeds 0, 1, ...)")

@@ -98,9 +98,13 @@ def main() -> None:
                 report = api.run(data, model=str(model_dir), **options).train
             sync()
             rate = report.steps * flops[arch, batch] / report.seconds / 1e12
-            print(f"{label} {attempt}: wall {time.perf_counter() - start:.1f}s train {report.seconds:.2f}s ({report.steps} steps) "
-                  f"{report.images_per_second:.0f} img/s {rate:.0f} TFLOP/s {rate / peak:.0%} "
-                  f"mem {torch.cuda.max_memory_allocated() / 1e9:.1f} GB loss {report.final_loss:.3f}", flush=True)  # fmt: skip
+            print(
+                f"{label} {attempt}: wall {time.perf_counter() - start:.1f}s "
+                f"train {report.seconds:.2f}s ({report.steps} steps) "
+                f"{report.images_per_second:.0f} img/s {rate:.0f} TFLOP/s {rate / peak:.0%} "
+                f"mem {torch.cuda.max_memory_allocated() / 1e9:.1f} GB loss {report.final_loss:.3f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

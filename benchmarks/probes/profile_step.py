@@ -1,6 +1,6 @@
 """Where a training step's GPU time goes: top kernels of adapt() with and without CUDA graphs.
 
-    python benchmarks/probes/profile_step.py --arch vit-b16 --batch 32 128
+python benchmarks/probes/profile_step.py --arch vit-b16 --batch 32 128
 """
 
 from __future__ import annotations
@@ -30,13 +30,18 @@ def main() -> None:
         data = load_task(make_task(batch, 1, 224))
         for graphs in (False, True):
             fresh_accelerate()
-            options = dict(model=model_dir, batch_size=batch, max_steps=args.steps, min_steps=args.steps, cuda_graphs=graphs)
+            options = dict(
+                model=model_dir, batch_size=batch, max_steps=args.steps, min_steps=args.steps, cuda_graphs=graphs
+            )
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 result = api.run(data, **options)
             events = [e for e in prof.key_averages() if e.device_time_total > 0]
             total = sum(e.self_device_time_total for e in events)
-            print(f"\n== batch {batch} graphs {graphs}: {result.train.images_per_second:.0f} img/s, "
-                  f"GPU busy {total / 1e3 / args.steps:.1f} ms/step, wall {1e3 * result.train.seconds / args.steps:.1f} ms/step")  # fmt: skip
+            print(
+                f"\n== batch {batch} graphs {graphs}: {result.train.images_per_second:.0f} img/s, "
+                f"GPU busy {total / 1e3 / args.steps:.1f} ms/step, "
+                f"wall {1e3 * result.train.seconds / args.steps:.1f} ms/step"
+            )
             for e in sorted(events, key=lambda e: -e.self_device_time_total)[: args.top]:
                 share = e.self_device_time_total / total
                 print(f"{share:6.1%} {e.count:6d}x {e.key[:90]}")

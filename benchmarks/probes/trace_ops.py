@@ -70,7 +70,14 @@ def main() -> None:
         fresh_accelerate()
         tally = Tally()
         with tally:
-            api.run(data, model=model_dir, batch_size=args.batch, max_steps=args.steps, min_steps=args.steps, cuda_graphs=graphs)
+            api.run(
+                data,
+                model=model_dir,
+                batch_size=args.batch,
+                max_steps=args.steps,
+                min_steps=args.steps,
+                cuda_graphs=graphs,
+            )
         print(f"\n== graphs {graphs}: {sum(tally.ops.values())} ops in {args.steps} steps (+ load, predict)")
         print("   top ops:", ", ".join(f"{k} {v}" for k, v in tally.ops.most_common(12)))
         for key, count in tally.found.most_common(40):

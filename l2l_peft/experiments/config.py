@@ -42,7 +42,10 @@ class SuiteConfig:
         if not self.sources:
             raise ValueError("suite.sources is empty: name at least one source (npz, folder, medimeta or pickles)")
         if any(n < 1 for n in self.shots) or self.tasks < 1 or self.query_per_class < 1:
-            raise ValueError(f"suite.shots, suite.tasks and suite.query_per_class must be >= 1, got {self.shots}, {self.tasks}, {self.query_per_class}")
+            raise ValueError(
+                "suite.shots, suite.tasks and suite.query_per_class must be >= 1, "
+                f"got {self.shots}, {self.tasks}, {self.query_per_class}"
+            )
         if self.split not in (None, "train", "val", "test"):
             raise ValueError(f"suite.split must be train, val, test or null, got {self.split!r}")
 
@@ -66,6 +69,8 @@ class ExperimentConfig:
         names = [m.name for m in self.methods]
         if len(set(names)) != len(names):
             raise ValueError(f"method names must be unique, got {names}")
+        if self.bootstrap < 1:  # else the summary fails only after every task has run
+            raise ValueError(f"bootstrap must be >= 1 resamples, got {self.bootstrap!r}")
 
 
 def _build(kind: type, values: dict[str, Any], where: str) -> Any:
@@ -86,5 +91,5 @@ def parse_config(raw: dict[str, Any]) -> ExperimentConfig:
 def load_config(path: str | Path) -> ExperimentConfig:
     raw = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
+        raise ValueError(f"{path}: expected a mapping at the top level")  # noqa: TRY004 - a bad file, like every config error
     return parse_config(raw)

@@ -1,12 +1,13 @@
 """Named methods of the YAML, their hyperparameter grids, and how each variant adapts a task.
 
-Every method uses the same backbone. Kinds:
-  adapt         l2l_peft.api.run with AdaptConfig overrides (lora is the default; method: head,
-                full, dora, bitfit, vpt-deep, ... select the others)
+Every method uses the same backbone and runs through l2l_peft.api.run. Kinds:
+  adapt         AdaptConfig overrides (the default recipe; method: lora, head, full, dora, bitfit,
+                vpt-deep, ... select the others)
   seed_recipe   the challenge's seed: full fine-tuning, Adam lr 1e-3, 100 epochs, batch 64, no
                 augmentation, zero-initialised head (the loop's cosine decay stays)
-  linear_probe  L2-regularised regression of the target's loss on frozen features (frozen.py)
-  prototypes    nearest class mean on frozen features (frozen.py)
+  linear_probe  method linear-probe: L2-regularised regression of the target's loss on frozen
+                features (frozen.py); its params l2 and max_iter set probe_l2 and probe_max_iter
+  prototypes    method prototypes: nearest class mean on frozen features (frozen.py)
 Config precedence: YAML defaults < the kind's preset < params < grid values. A string setting
 (the YAML's `model:` or a param) may name `{dataset}`, replaced by the task's dataset:
 `model: runs/loo/{dataset}` gives each dataset the backbone pretrained without it.
@@ -20,8 +21,7 @@ from enum import Enum
 from typing import Any
 
 from ..api import AdaptResult, run
-from ..config import AdaptConfig, Method, make_config
-from ..frozen import Frozen, ProbeConfig, probe_config, run_frozen
+from ..config import AdaptConfig, HeadInit, Method, make_config
 from ..task import TaskData
 
 
@@ -33,10 +33,24 @@ class Kind(str, Enum):
 
 
 SEED_RECIPE: dict[str, Any] = dict(
-    method=Method.FULL, lr_head=1e-3, lr_adapter=1e-3, weight_decay=0.0, epochs=100.0, batch_size=64,
-    max_steps=100_000, min_steps=1, warmup_frac=0.0, augment=False, head_init="zero",
+    method=Method.FULL,
+    lr_head=1e-3,
+    lr_adapter=1e-3,
+    weight_decay=0.0,
+    epochs=100.0,
+    batch_size=64,
+    max_steps=100_000,
+    min_steps=1,
+    warmup_frac=0.0,
+    augment=False,
+    head_init=HeadInit.ZERO,
 )  # fmt: skip  -- weight_decay 0 makes AdamW plain Adam; max_steps so high that epochs decide
-PRESETS: dict[Kind, dict[str, Any]] = {Kind.SEED_RECIPE: SEED_RECIPE}
+PRESETS: dict[Kind, dict[str, Any]] = {
+    Kind.SEED_RECIPE: SEED_RECIPE,
+    Kind.LINEAR_PROBE: {"method": Method.LINEAR_PROBE},
+    Kind.PROTOTYPES: {"method": Method.PROTOTYPES},
+}
+PROBE_PARAMS = {"l2": "probe_l2", "max_iter": "probe_max_iter"}  # linear_probe's own names in the YAML
 DATASET = "{dataset}"  # placeholder in string settings, replaced per task
 
 
@@ -46,14 +60,16 @@ class MethodSpec:
 
     name: str
     kind: Kind = Kind.ADAPT
-    params: dict[str, Any] = field(default_factory=dict)  # AdaptConfig fields (probe: also l2, max_iter)
+    params: dict[str, Any] = field(default_factory=dict)  # AdaptConfig fields (linear_probe: also l2, max_iter)
     grid: dict[str, list[Any]] = field(default_factory=dict)  # field -> values; the product gives variants
 
     def __post_init__(self) -> None:
         try:
             self.kind = Kind(self.kind)
         except ValueError:
-            raise ValueError(f"method {self.name!r}: kind must be one of {[k.value for k in Kind]}, got {self.kind!r}") from None
+            raise ValueError(
+                f"method {self.name!r}: kind must be one of {[k.value for k in Kind]}, got {self.kind!r}"
+            ) from None
         bad = [k for k, v in self.grid.items() if not isinstance(v, list) or not v]
         if bad:
             raise ValueError(f"method {self.name!r}: grid values must be non-empty lists, not for {bad}")
@@ -68,25 +84,20 @@ class Variant:
     kind: Kind
     params: dict[str, Any]  # params and grid values merged
 
-    def config(self, base: AdaptConfig, seed: int, dataset: str = DATASET) -> tuple[AdaptConfig, ProbeConfig | None]:
-        """(AdaptConfig, probe settings): base < preset < params; the seed adds the task's."""
-        probe, overrides = probe_config(self.params) if self.kind is Kind.LINEAR_PROBE else (None, self.params)
-        preset = PRESETS.get(self.kind, {})
-        config = make_config(make_config(base, **preset), **overrides)
-        filled = {f.name: v.replace(DATASET, dataset) for f in fields(config) if isinstance(v := getattr(config, f.name), str) and DATASET in v}
-        return make_config(config, seed=seed + config.seed, **filled), probe
+    def config(self, base: AdaptConfig, seed: int, dataset: str = DATASET) -> AdaptConfig:
+        """base < preset < params; the seed adds the task's."""
+        names = PROBE_PARAMS if self.kind is Kind.LINEAR_PROBE else {}
+        overrides = {names.get(k, k): v for k, v in self.params.items()}
+        config = make_config(make_config(base, **PRESETS.get(self.kind, {})), **overrides)
+        filled = {
+            f.name: v.replace(DATASET, dataset)
+            for f in fields(config)
+            if isinstance(v := getattr(config, f.name), str) and DATASET in v
+        }
+        return make_config(config, seed=seed + config.seed, **filled)
 
     def run(self, data: TaskData, base: AdaptConfig, *, seed: int, dataset: str) -> AdaptResult:
-        config, probe = self.config(base, seed, dataset)
-        match self.kind:
-            case Kind.ADAPT | Kind.SEED_RECIPE:
-                return run(data, config)
-            case Kind.LINEAR_PROBE:
-                return run_frozen(data, config, Frozen.LINEAR_PROBE, probe)
-            case Kind.PROTOTYPES:
-                return run_frozen(data, config, Frozen.PROTOTYPES)
-            case other:
-                raise ValueError(f"unknown method kind {other}")
+        return run(data, self.config(base, seed, dataset))
 
 
 def expand(spec: MethodSpec) -> list[Variant]:

@@ -8,10 +8,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on cluster nodes
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from .results import Aggregate, aggregate  # noqa: E402
+from .results import Aggregate, aggregate
 
 
 def _errors(aggs: list[Aggregate]) -> np.ndarray:
@@ -19,7 +19,9 @@ def _errors(aggs: list[Aggregate]) -> np.ndarray:
 
 
 def metric_vs_shots(rows: list[dict[str, Any]], path: Path, *, metric: str, resamples: int) -> None:
-    stats = aggregate([r for r in rows if r.get("shots") is not None], [metric], resamples=resamples, by=("variant", "shots"))
+    stats = aggregate(
+        [r for r in rows if r.get("shots") is not None], [metric], resamples=resamples, by=("variant", "shots")
+    )
     variants = list(dict.fromkeys(v for v, _ in stats))
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, variant in enumerate(variants):
@@ -27,7 +29,14 @@ def metric_vs_shots(rows: list[dict[str, Any]], path: Path, *, metric: str, resa
         if points:
             shots, aggs = zip(*points)
             dodge = 1.04 ** (i - (len(variants) - 1) / 2)  # side by side, so the intervals stay readable
-            ax.errorbar([s * dodge for s in shots], [a.mean for a in aggs], yerr=_errors(list(aggs)), marker="o", capsize=3, label=variant)
+            ax.errorbar(
+                [s * dodge for s in shots],
+                [a.mean for a in aggs],
+                yerr=_errors(list(aggs)),
+                marker="o",
+                capsize=3,
+                label=variant,
+            )
     ax.set_xscale("log")
     ax.minorticks_off()
     ticks = sorted({s for _, s in stats})
@@ -83,11 +92,19 @@ def metric_vs_cost(rows: list[dict[str, Any]], path: Path, *, metric: str, resam
     agg = aggregate(rows, [metric, "adapt_s", "trainable_parameters"], resamples=resamples, by=("variant",))
     shown = [(v, a) for (v,), a in agg.items() if a[metric].n][::-1]  # first variant on top
     labels = [
-        f"{v} ({a['trainable_parameters'].mean / 1e3:,.1f}k params, {a['adapt_s'].mean:.1f} s)" if a["trainable_parameters"].n else v
+        f"{v} ({a['trainable_parameters'].mean / 1e3:,.1f}k params, {a['adapt_s'].mean:.1f} s)"
+        if a["trainable_parameters"].n
+        else v
         for v, a in shown
     ]
     fig, ax = plt.subplots(figsize=(7, 1.5 + 0.35 * len(shown)))
-    ax.errorbar([a[metric].mean for _, a in shown], range(len(shown)), xerr=_errors([a[metric] for _, a in shown]), fmt="o", capsize=3)
+    ax.errorbar(
+        [a[metric].mean for _, a in shown],
+        range(len(shown)),
+        xerr=_errors([a[metric] for _, a in shown]),
+        fmt="o",
+        capsize=3,
+    )
     ax.set_yticks(range(len(shown)), labels=labels, fontsize=8)
     ax.set(xlabel=f"{metric} (mean over all tasks, 95% CI)", title=f"{metric} and cost per method")
     ax.grid(axis="x", alpha=0.3)
@@ -97,7 +114,12 @@ def metric_vs_cost(rows: list[dict[str, Any]], path: Path, *, metric: str, resam
 
 
 def write_plots(rows: list[dict[str, Any]], directory: Path, *, metric: str, resamples: int) -> list[Path]:
-    paths = [directory / f"{metric}_vs_shots.png", directory / f"{metric}_per_dataset.png", directory / "time_per_task.png", directory / f"{metric}_vs_cost.png"]
+    paths = [
+        directory / f"{metric}_vs_shots.png",
+        directory / f"{metric}_per_dataset.png",
+        directory / "time_per_task.png",
+        directory / f"{metric}_vs_cost.png",
+    ]
     metric_vs_shots(rows, paths[0], metric=metric, resamples=resamples)
     per_dataset(rows, paths[1], metric=metric, resamples=resamples)
     time_per_task(rows, paths[2], resamples=resamples)

@@ -80,16 +80,22 @@ def value(row: dict[str, Any], name: str) -> float:
     return float(got) if got is not None else math.nan
 
 
-def aggregate(rows: list[dict[str, Any]], names: list[str], *, resamples: int, by: tuple[str, ...] = GROUP) -> dict[tuple, dict[str, Aggregate]]:
+def aggregate(
+    rows: list[dict[str, Any]], names: list[str], *, resamples: int, by: tuple[str, ...] = GROUP
+) -> dict[tuple, dict[str, Aggregate]]:
     """{group values: {metric: Aggregate}} over finished rows, groups in first-seen order."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         if not row.get("error"):
             groups[tuple(row[k] for k in by)].append(row)
-    return {g: {n: bootstrap([value(r, n) for r in rs], resamples=resamples) for n in names} for g, rs in groups.items()}
+    return {
+        g: {n: bootstrap([value(r, n) for r in rs], resamples=resamples) for n in names} for g, rs in groups.items()
+    }
 
 
-def paired_differences(rows: list[dict[str, Any]], metric: str, reference: str, *, resamples: int) -> dict[tuple, Aggregate]:
+def paired_differences(
+    rows: list[dict[str, Any]], metric: str, reference: str, *, resamples: int
+) -> dict[tuple, Aggregate]:
     """{(variant, shots): reference minus variant}, over the tasks where both have a finite value.
 
     Pairing by task removes the task-to-task spread that dominates few-shot scores, so these

@@ -57,9 +57,18 @@ def _peak_memory_mb(accelerator: Accelerator, reset: bool) -> float | None:
     return torch.cuda.max_memory_allocated(accelerator.device) / 2**20
 
 
-def run_task(suite: Suite, spec: TaskSpec, variants: list[Variant], base: AdaptConfig, accelerator: Accelerator) -> list[dict[str, Any]]:
+def run_task(
+    suite: Suite, spec: TaskSpec, variants: list[Variant], base: AdaptConfig, accelerator: Accelerator
+) -> list[dict[str, Any]]:
     """One row per variant; a failing variant (or task) becomes a row with its error, not a crash."""
-    common = dict(task=spec.key, dataset=spec.dataset, target=spec.target, shots=spec.shots, index=spec.index, rank=accelerator.process_index)
+    common = dict(
+        task=spec.key,
+        dataset=spec.dataset,
+        target=spec.target,
+        shots=spec.shots,
+        index=spec.index,
+        rank=accelerator.process_index,
+    )
     try:
         data, labels = suite.build(spec)
     except Exception as err:  # noqa: BLE001 - recorded per row and retried on rerun
@@ -76,9 +85,10 @@ def run_task(suite: Suite, spec: TaskSpec, variants: list[Variant], base: AdaptC
             result = variant.run(data, base, seed=spec.seed, dataset=spec.dataset)
             row.update(
                 metrics=_finite_or_none(task_metrics(data.target, result.probabilities, labels)),
-                adapt_s=result.timings.get("adapt"), predict_s=result.timings.get("predict"), load_s=result.timings.get("load"),
-                peak_gpu_mb=_peak_memory_mb(accelerator, reset=False), steps=result.train.steps if result.train else None,
-                trainable_parameters=result.trainable_parameters, precision=result.precision, seed=result.config.seed,
+                adapt_s=result.timings.get("adapt"), predict_s=result.timings.get("predict"),
+                load_s=result.timings.get("load"), peak_gpu_mb=_peak_memory_mb(accelerator, reset=False),
+                steps=result.train.steps if result.train else None, trainable_parameters=result.trainable_parameters,
+                precision=result.precision, seed=result.config.seed,
             )  # fmt: skip
         except Exception as err:  # noqa: BLE001 - one method failing on one task must not end the run
             logger.warning("%s on %s failed: %s: %s", variant.name, spec.key, type(err).__name__, err)
@@ -90,8 +100,12 @@ def run_task(suite: Suite, spec: TaskSpec, variants: list[Variant], base: AdaptC
 def _git_commit() -> str | None:
     root = Path(__file__).resolve().parents[2]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("-dirty" if dirty else "")
@@ -117,10 +131,12 @@ def _versions() -> dict[str, str | None]:
     return versions
 
 
-def resolved_config(config: ExperimentConfig, variants: list[Variant], base: AdaptConfig, accelerator: Accelerator, n_tasks: int) -> dict[str, Any]:
+def resolved_config(
+    config: ExperimentConfig, variants: list[Variant], base: AdaptConfig, accelerator: Accelerator, n_tasks: int
+) -> dict[str, Any]:
     return {
         "config": dataclasses.asdict(config),
-        "variants": {v.name: v.config(base, seed=0)[0].to_dict() for v in variants},  # seed: + each task's seed
+        "variants": {v.name: v.config(base, seed=0).to_dict() for v in variants},  # seed: + each task's seed
         "tasks": n_tasks,
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
@@ -159,7 +175,13 @@ def run_experiment(config: ExperimentConfig, output: Path) -> Path:
         (output / "config.resolved.json").write_text(json.dumps(resolved, indent=2, default=str))
         with (output / HISTORY).open("a") as f:  # every invocation, so resumed rows keep their provenance
             f.write(json.dumps(resolved | {"tasks_to_run": len(todo)}, default=str) + "\n")
-        logger.info("%d tasks x %d variants; %d tasks to run on %d process(es)", len(suite.specs), len(variants), len(todo), accelerator.num_processes)
+        logger.info(
+            "%d tasks x %d variants; %d tasks to run on %d process(es)",
+            len(suite.specs),
+            len(variants),
+            len(todo),
+            accelerator.num_processes,
+        )
     world, rank = accelerator.num_processes, accelerator.process_index
     progress = tqdm(total=len(todo), desc="tasks", disable=not accelerator.is_main_process)
     start_time = time.monotonic()
@@ -174,9 +196,17 @@ def run_experiment(config: ExperimentConfig, output: Path) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         seconds = time.monotonic() - start_time
-        logger.info("ran %d tasks in %.1fs on %d process(es): %.2f tasks/s", len(todo), seconds, world, len(todo) / max(seconds, 1e-9))
+        logger.info(
+            "ran %d tasks in %.1fs on %d process(es): %.2f tasks/s",
+            len(todo),
+            seconds,
+            world,
+            len(todo) / max(seconds, 1e-9),
+        )
         rows = read_rows(results)
-        write_summary(rows, output / "summary.md", metric=config.metric, resamples=config.bootstrap, reference=reference)
+        write_summary(
+            rows, output / "summary.md", metric=config.metric, resamples=config.bootstrap, reference=reference
+        )
         write_plots(rows, output, metric=config.metric, resamples=config.bootstrap)
     return results
 

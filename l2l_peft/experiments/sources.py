@@ -50,7 +50,9 @@ def one_vs_rest(dataset: LabelledDataset, class_name: str) -> LabelledDataset:
         labels = dataset.labels[:, list(dataset.classes).index(key)]
     else:
         labels = (dataset.labels == key).long()
-    return replace(dataset, labels=labels, target=TaskTarget.BINARY_CLASSIFICATION, classes={0: f"not {class_name}", 1: class_name})
+    return replace(
+        dataset, labels=labels, target=TaskTarget.BINARY_CLASSIFICATION, classes={0: f"not {class_name}", 1: class_name}
+    )
 
 
 def views(dataset: LabelledDataset, names: list[str] | None) -> list[Target]:
@@ -66,13 +68,26 @@ def views(dataset: LabelledDataset, names: list[str] | None) -> list[Target]:
     return out
 
 
-def npz_source(path: str, include: list[str] | None = None, exclude: list[str] | None = None, targets: dict[str, list[str]] | None = None) -> list[Target]:
+def npz_source(
+    path: str,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    targets: dict[str, list[str]] | None = None,
+) -> list[Target]:
     datasets = load_npz_dir(path, include, exclude)
     return [t for name, ds in datasets.items() for t in views(ds, (targets or {}).get(name))]
 
 
-def folder_source(csv: str, task: str, name: str | None = None, classes: dict[int, str] | None = None, targets: list[str] | None = None) -> list[Target]:
-    dataset = load_image_folder(csv, task=task, classes={int(k): v for k, v in classes.items()} if classes else None, name=name)
+def folder_source(
+    csv: str,
+    task: str,
+    name: str | None = None,
+    classes: dict[int, str] | None = None,
+    targets: list[str] | None = None,
+) -> list[Target]:
+    dataset = load_image_folder(
+        csv, task=task, classes={int(k): v for k, v in classes.items()} if classes else None, name=name
+    )
     return views(dataset, targets)
 
 
@@ -91,7 +106,9 @@ class _LazyImages:
         return tensor[:, None] if tensor.dim() == 3 else tensor.permute(0, 3, 1, 2).contiguous()
 
 
-def medimeta_source(path: str, datasets: list[str] | None = None, tasks: dict[str, list[str]] | None = None, split: str | None = None) -> list[Target]:
+def medimeta_source(
+    path: str, datasets: list[str] | None = None, tasks: dict[str, list[str]] | None = None, split: str | None = None
+) -> list[Target]:
     """MedIMeta tasks; an empty list (with a warning) when the package or the data is missing."""
     try:
         import medimeta
@@ -110,7 +127,9 @@ def medimeta_source(path: str, datasets: list[str] | None = None, tasks: dict[st
             if source.task_target is TaskTarget.BINARY_CLASSIFICATION:
                 labels = labels.reshape(len(labels))
             classes = source.classes if isinstance(source.classes, dict) else dict(enumerate(source.classes))
-            data = LabelledDataset(dataset_id, _LazyImages(source), labels, source.task_target, classes, None, source.domain_identifier)
+            data = LabelledDataset(
+                dataset_id, _LazyImages(source), labels, source.task_target, classes, None, source.domain_identifier
+            )
             out.append(Target(dataset_id, task_name, data))
     return out
 

@@ -44,7 +44,12 @@ def encode_labels(labels: torch.Tensor, target: TaskTarget, classes: dict) -> to
 
 def _pickle_query_labels(raw: object) -> torch.Tensor | None:
     query = raw.query
-    if isinstance(query, (tuple, list)) and len(query) == 2 and isinstance(query[0], torch.Tensor) and query[0].dim() == 4:
+    if (
+        isinstance(query, (tuple, list))
+        and len(query) == 2
+        and isinstance(query[0], torch.Tensor)
+        and query[0].dim() == 4
+    ):
         return torch.as_tensor(query[1])  # collated (images, labels)
     items = list(query)
     if items and all(isinstance(item, (tuple, list)) and len(item) == 2 for item in items):

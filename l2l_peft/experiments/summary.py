@@ -29,7 +29,11 @@ def headline(rows: list[dict[str, Any]], metric: str, resamples: int) -> list[st
     for dataset, target in dict.fromkeys((g[1], g[2]) for g in stats):
         shots = list(dict.fromkeys(g[3] for g in stats if g[1:3] == (dataset, target)))
         body = [
-            [v] + [stats[(v, dataset, target, s)][metric].format() if (v, dataset, target, s) in stats else "–" for s in shots]
+            [v]
+            + [
+                stats[(v, dataset, target, s)][metric].format() if (v, dataset, target, s) in stats else "–"
+                for s in shots
+            ]
             for v in variants
         ]
         lines += [f"### {dataset} / {target}", "", *_table(["method"] + [f"{_shots(s)}-shot" for s in shots], body), ""]
@@ -59,7 +63,12 @@ def costs(rows: list[dict[str, Any]], metric: str, resamples: int) -> list[str]:
     """Per method over every task: the metric next to what it costs."""
     stats = aggregate(rows, [metric, "adapt_s", "trainable_parameters"], resamples=resamples, by=("variant",))
     body = [
-        [v, a[metric].format(), a["adapt_s"].format(2), f"{a['trainable_parameters'].mean:,.0f}" if a["trainable_parameters"].n else "–"]
+        [
+            v,
+            a[metric].format(),
+            a["adapt_s"].format(2),
+            f"{a['trainable_parameters'].mean:,.0f}" if a["trainable_parameters"].n else "–",
+        ]
         for (v,), a in stats.items()
     ]
     return _table(["method", f"{metric} (all tasks)", "adapt s", "trainable parameters (mean)"], body)
@@ -69,7 +78,8 @@ def details(rows: list[dict[str, Any]], resamples: int) -> list[str]:
     names = [m for m in METRICS if any(m in (r.get("metrics") or {}) for r in rows)] + TIMINGS
     stats = aggregate(rows, names, resamples=resamples)
     body = [
-        [v, d, t, _shots(s), str(max(a.n for a in agg.values()))] + [agg[n].format(2 if n in TIMINGS else 3) for n in names]
+        [v, d, t, _shots(s), str(max(a.n for a in agg.values()))]
+        + [agg[n].format(2 if n in TIMINGS else 3) for n in names]
         for (v, d, t, s), agg in stats.items()
     ]
     return _table(["method", "dataset", "target", "shots", "tasks"] + names, body)

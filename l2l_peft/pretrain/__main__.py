@@ -29,7 +29,9 @@ from .model import export_backbone
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m l2l_peft.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", type=Path, help="YAML file of PretrainConfig fields")
-    parser.add_argument("--output", type=Path, required=True, help="run directory: exported model, checkpoint/, log.jsonl")
+    parser.add_argument(
+        "--output", type=Path, required=True, help="run directory: exported model, checkpoint/, log.jsonl"
+    )
     parser.add_argument("--npz-dir", help="override the path of the config's npz sources")
     parser.add_argument("--exclude", nargs="*", help="override the config's exclude list")
     parser.add_argument("--steps", type=int, help="override the number of steps")
@@ -37,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="override the seed")
     parser.add_argument("--stop-at", type=int, help="end this run at this step, schedule unchanged; rerun to continue")
     parser.add_argument("--cpu", action="store_true", default=None, help="train on the CPU")
-    parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (see PretrainConfig.compile)")
+    parser.add_argument(
+        "--compile", action="store_true", default=None, help="torch.compile the model (see PretrainConfig.compile)"
+    )
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
@@ -45,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout
+    )
     for noisy in ("transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:

@@ -15,7 +15,9 @@ from .config import PretrainConfig, PretrainObjective
 from .loop import LOG, Progress
 
 OBJECTIVES = {
-    PretrainObjective.SUPERVISED: "multi-task supervised learning (one head per dataset, each with its target type's loss)",
+    PretrainObjective.SUPERVISED: (
+        "multi-task supervised learning (one head per dataset, each with its target type's loss)"
+    ),
     PretrainObjective.SSL: "DINO self-distillation (multi-crop, EMA teacher; labels unused)",
     PretrainObjective.BOTH: "multi-task supervised learning (one head per dataset) plus DINO self-distillation "
     "(multi-crop, EMA teacher) on the same images",
@@ -27,7 +29,8 @@ def hardware(accelerator: Accelerator) -> str:
         device = torch.cuda.get_device_name(accelerator.device)
     else:
         device = f"CPU ({platform.processor() or platform.machine()})"
-    return f"{accelerator.num_processes} x {device}, mixed precision {accelerator.mixed_precision}, torch {torch.__version__}"
+    precision = accelerator.mixed_precision
+    return f"{accelerator.num_processes} x {device}, mixed precision {precision}, torch {torch.__version__}"
 
 
 def last_log(output: Path) -> dict:
@@ -37,7 +40,13 @@ def last_log(output: Path) -> dict:
 
 
 def write_card(
-    directory: Path, *, config: PretrainConfig, datasets: list[LabelledDataset], progress: Progress, hardware: str, log: dict,
+    directory: Path,
+    *,
+    config: PretrainConfig,
+    datasets: list[LabelledDataset],
+    progress: Progress,
+    hardware: str,
+    log: dict,
     parameters: int,
 ) -> None:
     rows = "\n".join(
@@ -48,6 +57,13 @@ def write_card(
     model_config = json.loads((directory / "config.json").read_text())
     excluded = ", ".join(config.exclude) or "none"
     losses = ", ".join(f"{k} {v:.3f}" for k, v in log.get("losses", {}).items()) or "-"
+    shape = (
+        f"hidden {model_config['hidden_size']}, {model_config['num_hidden_layers']} layers, "
+        f"patch {model_config['patch_size']}"
+    )
+    origin = f"`{config.init_from}`" if config.init_from else "random initialisation"
+    side = f"{config.image_size}x{config.image_size}"
+    budget = f", time budget {config.max_minutes} min" if config.max_minutes else ""
     text = f"""---
 library_name: transformers
 pipeline_tag: image-feature-extraction
@@ -56,13 +72,13 @@ tags: [vision-transformer, medical-imaging, l2l_peft]
 
 # {config.name}
 
-A ViT ({parameters:,} parameters; hidden {model_config['hidden_size']}, {model_config['num_hidden_layers']} layers, patch {model_config['patch_size']},
-input {model_config['image_size']}) pretrained from {'`' + config.init_from + '`' if config.init_from else 'random initialisation'} by
+A ViT ({parameters:,} parameters; {shape},
+input {model_config["image_size"]}) pretrained from {origin} by
 {OBJECTIVES[config.objective]} on medical images with `python -m l2l_peft.pretrain` (datasets
 sampled in balance). Only the backbone is stored (no task heads, no DINO head or teacher), in
 {config.save_dtype} safetensors; `config.json` says float32, so it loads in float32.
 
-Inputs: the challenge form, [-1, 1] pixels at {config.image_size}x{config.image_size}, gray images repeated to 3 channels.
+Inputs: the challenge form, [-1, 1] pixels at {side}, gray images repeated to 3 channels.
 `preprocessor_config.json` therefore has mean = std = 0.5 (the identity on [-1, 1]). Features as used
 by l2l_peft: concat(CLS token, mean of patch tokens) of the last layer.
 
@@ -74,10 +90,11 @@ Train and validation rows only (test split, split == 2, left out). Excluded data
 {rows}
 
 ## Training
-- steps: {progress.step} (planned {config.steps}{f', time budget {config.max_minutes} min' if config.max_minutes else ''}),
+- steps: {progress.step} (planned {config.steps}{budget}),
   images seen: {progress.images}, batch per step: {config.batch_size} per process
 - time: {progress.seconds / 60:.1f} min of training on {hardware}
-- last logged loss: {log.get('loss', float('nan')):.4f} (per dataset: {losses}); throughput {log.get('images_per_s', '-')} images/s
+- last logged loss: {log.get("loss", float("nan")):.4f} (per dataset: {losses}); \
+throughput {log.get("images_per_s", "-")} images/s
 
 ## Recipe
 ```yaml

@@ -44,15 +44,18 @@ class PretrainConfig:
 
     # data
     sources: list[dict[str, Any]] = _help(
-        "data sources in the experiments' suite format: {kind: npz, path: DIR} | {kind: folder, csv: PATH, task: T, name: N}"
-        " | {kind: medimeta, path: DIR, datasets: [...], tasks: {...}} (MedIMeta is skipped when absent)",
+        "data sources in the experiments' suite format: {kind: npz, path: DIR}"
+        " | {kind: folder, csv: PATH, task: T, name: N} | {kind: medimeta, path: DIR, datasets: [...], tasks: {...}}"
+        " (MedIMeta is skipped when absent)",
         default_factory=list,
     )
     include: list[str] | None = _help("dataset names to use (None: all found)", default=None)
     exclude: list[str] = _help("dataset names to leave out, e.g. the evaluation datasets", default_factory=list)
     # model
     model_size: str = _help(f"ViT size built from scratch: {', '.join(VIT_SIZES)}", default="tiny")
-    init_from: str | None = _help("continue from this HF checkpoint (hub id in the cache, or directory) instead", default=None)
+    init_from: str | None = _help(
+        "continue from this HF checkpoint (hub id in the cache, or directory) instead", default=None
+    )
     cache_dir: str | None = _help("HF cache for init_from (default: the repository's hf_cache/)", default=None)
     image_size: int = _help("model input side (the challenge form is 224)", default=224)
     patch_size: int = _help("ViT patch side", default=16)
@@ -63,13 +66,17 @@ class PretrainConfig:
         "training time budget over all resumes; the schedule then follows whichever of steps or time ends first",
         default=None,
     )
-    batch_size: int = _help("images per step and process, split evenly across datasets (balanced sampling)", default=512)
+    batch_size: int = _help(
+        "images per step and process, split evenly across datasets (balanced sampling)", default=512
+    )
     lr: float = _help("AdamW peak learning rate", default=1e-3)
     min_lr_frac: float = _help("final learning rate as a fraction of lr", default=0.01)
     weight_decay: float = _help("AdamW weight decay on matrices (not on biases and norms)", default=0.05)
     warmup_steps: int = _help("linear warm-up steps", default=300)
     grad_clip: float = _help("gradient norm clip", default=1.0)
-    precision: Precision = _help("mixed precision: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or no", default=Precision.AUTO)
+    precision: Precision = _help(
+        "mixed precision: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or no", default=Precision.AUTO
+    )
     cpu: bool = _help("train on the CPU even when a GPU is present", default=False)
     compile: bool = _help(
         "torch.compile the model: fewer, fused kernels per step after about 40 s of compilation (tiny recipe "
@@ -86,7 +93,8 @@ class PretrainConfig:
     # objective; the ssl_* and crop fields below only matter for ssl and both (docs/pretraining.md)
     objective: PretrainObjective = _help(
         "supervised: one head per dataset (labels needed); ssl: DINO self-distillation with multi-crop "
-        "(labels ignored); both: supervised + ssl_weight * ssl on the same images (the heads read the first global crop)",
+        "(labels ignored); both: supervised + ssl_weight * ssl on the same images (the heads read the "
+        "first global crop)",
         default=PretrainObjective.SUPERVISED,
     )
     ssl_weight: float = _help("weight of the DINO loss added to the mean supervised loss (objective both)", default=1.0)
@@ -103,7 +111,9 @@ class PretrainConfig:
         "the two global crops (image_size, seen by teacher and student): area fraction range", default=(0.32, 1.0)
     )
     local_crops: int = _help("small crops per image, seen by the student only (0: two global crops only)", default=6)
-    local_crop_size: int = _help("local crops' side, a multiple of patch_size (position embeddings interpolated)", default=96)
+    local_crop_size: int = _help(
+        "local crops' side, a multiple of patch_size (position embeddings interpolated)", default=96
+    )
     local_crop_scale: tuple[float, float] = _help("local crops: area fraction range", default=(0.05, 0.32))
     # bookkeeping
     name: str = _help("model name written into the card", default="l2l-vit-tiny-med")
@@ -120,14 +130,27 @@ class PretrainConfig:
             choices = ", ".join(o.value for o in PretrainObjective)
             raise ValueError(f"PretrainConfig.objective must be one of {choices}, got {self.objective!r}") from None
         if self.model_size not in VIT_SIZES and self.init_from is None:
-            raise ValueError(f"PretrainConfig.model_size must be one of {', '.join(VIT_SIZES)}, got {self.model_size!r}")
+            raise ValueError(
+                f"PretrainConfig.model_size must be one of {', '.join(VIT_SIZES)}, got {self.model_size!r}"
+            )
         if not self.sources:
-            raise ValueError("PretrainConfig.sources is empty: name at least one, e.g. `- {kind: npz, path: ../shared/data}`")
+            raise ValueError(
+                "PretrainConfig.sources is empty: name at least one, e.g. `- {kind: npz, path: ../shared/data}`"
+            )
         for name in ("batch_size", "image_size", "patch_size", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PretrainConfig.{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.steps < 0:
-            raise ValueError(f"PretrainConfig.steps must be >= 0, got {self.steps!r}")
+        for name in ("steps", "warmup_steps", "weight_decay", "max_rotation"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"PretrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"PretrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.max_minutes is not None and not self.max_minutes > 0:  # 0 would silently mean "no budget"
+            raise ValueError(f"PretrainConfig.max_minutes must be > 0 or null, got {self.max_minutes!r}")
+        for name in ("min_lr_frac", "vflip", "jitter", "grayscale"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"PretrainConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"PretrainConfig.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale!r}")
         if self.save_dtype not in ("bf16", "fp32"):
@@ -185,5 +208,7 @@ def load_config(path: str | Path | None, **overrides: Any) -> PretrainConfig:
     known = {f.name for f in dataclasses.fields(PretrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown pretraining setting(s) {', '.join(unknown)} in {path}; known: {', '.join(sorted(known))}")
+        raise ValueError(
+            f"unknown pretraining setting(s) {', '.join(unknown)} in {path}; known: {', '.join(sorted(known))}"
+        )
     return PretrainConfig(**values)

@@ -31,7 +31,9 @@ def load_sources(config: PretrainConfig) -> list[LabelledDataset]:
                 name = target.dataset if target.name == NATIVE else f"{target.dataset}/{target.name}"
                 found[name] = train_rows(target.data, name)
     if not found:
-        raise ValueError(f"no pretraining data left in {config.sources} after include={config.include} exclude={config.exclude}")
+        raise ValueError(
+            f"no pretraining data left in {config.sources} after include={config.include} exclude={config.exclude}"
+        )
     return [found[name] for name in sorted(found)]
 
 
@@ -65,10 +67,14 @@ class BalancedSampler:
     ) -> None:  # fmt: skip
         """`labelled=False` (self-supervised only): labels are drawn but never read, so no objective is built."""
         self.sources = [
-            Source(ds.name, ds.images.to(device), ds.labels.to(device),
-                   build_objective(ds.target, ds.classes, ds.labels) if labelled else None)
+            Source(
+                ds.name,
+                ds.images.to(device),
+                ds.labels.to(device),
+                build_objective(ds.target, ds.classes, ds.labels) if labelled else None,
+            )
             for ds in datasets
-        ]  # fmt: skip
+        ]
         self.per_source = max(1, batch_size // len(self.sources))
         self.generator = torch.Generator(device)
         self.seed, self.rank = seed, rank

@@ -117,7 +117,10 @@ def pretrain(
         for module in filter(None, (model, teacher)):
             module.compile(dynamic=False)  # in place: parameter names, checkpoints and the export stay as without
     optimizer = torch.optim.AdamW(
-        _param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.999), fused=accelerator.device.type == "cuda"
+        _param_groups(model, config.weight_decay),
+        lr=config.lr,
+        betas=(0.9, 0.999),
+        fused=accelerator.device.type == "cuda",
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     student = accelerator.unwrap_model(model)
@@ -143,7 +146,9 @@ def pretrain(
     log_names = [*heads, *(["ssl"] if teacher is not None else [])]
 
     model.train()
-    bar = tqdm(total=config.steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="pretrain")
+    bar = tqdm(
+        total=config.steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="pretrain"
+    )
     start, seconds0, window = time.monotonic(), progress.seconds, (time.monotonic(), progress.step)
     elapsed = seconds0  # synchronised across processes at log steps, so all stop at the same step
     last = min(config.steps, stop_at if stop_at is not None else config.steps)
@@ -183,8 +188,11 @@ def pretrain(
     return PretrainResult(accelerator.unwrap_model(model), progress, datasets)
 
 
-def _log(accelerator, output, progress, losses, weights, names, optimizer, window, global_batch, bar) -> tuple[float, int]:
-    """One JSON line (main process): loss and its parts (datasets, ssl) over processes, lr, images/s since the last line."""
+def _log(
+    accelerator, output, progress, losses, weights, names, optimizer, window, global_batch, bar
+) -> tuple[float, int]:
+    """One JSON line (main process): loss and its parts (datasets, ssl) over processes, lr, images/s
+    since the last line."""
     losses = accelerator.reduce(losses.detach().float(), reduction="mean")
     if not bool(torch.isfinite(losses).all()):
         raise TrainingError(f"pretraining loss became non-finite at step {progress.step}: {losses.tolist()}")
@@ -192,7 +200,9 @@ def _log(accelerator, output, progress, losses, weights, names, optimizer, windo
     rate = (progress.step - window[1]) * global_batch / max(now - window[0], 1e-9)
     if accelerator.is_main_process:
         record = {
-            "step": progress.step, "loss": round(float((losses * weights).sum()), 5), "lr": optimizer.param_groups[0]["lr"],
+            "step": progress.step,
+            "loss": round(float((losses * weights).sum()), 5),
+            "lr": optimizer.param_groups[0]["lr"],
             "images_per_s": round(rate, 1), "seconds": round(progress.seconds, 1),
             "losses": {n: round(v, 5) for n, v in zip(names, losses.tolist())},
         }  # fmt: skip

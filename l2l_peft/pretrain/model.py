@@ -93,4 +93,6 @@ def export_backbone(extractor: FeatureExtractor, directory: Path, *, save_dtype:
     config = json.loads(config_path.read_text())
     config["dtype"] = "float32"
     config_path.write_text(json.dumps(config, indent=2) + "\n")
-    (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(extractor.input_size), indent=2) + "\n")
+    (directory / "preprocessor_config.json").write_text(
+        json.dumps(preprocessor_config(extractor.input_size), indent=2) + "\n"
+    )
