@@ -1,7 +1,6 @@
 """`accelerate launch -m l2l_peft.experiments CONFIG.yaml --output runs/NAME` (or `python -m`)."""
 
-import sys
-
+from ..environment import exit_process
 from .runner import main
 
-sys.exit(main())
+exit_process(main())
