@@ -67,10 +67,10 @@ def exit_process(code: int) -> NoReturn:
     In a distributed run the processes first meet, then leave the process group; a failing process
     leaves at once (the launcher stops the others). The teardown is skipped because it is
     - unsafe in a distributed run: gloo's worker threads outlive destroy_process_group (torch modules
-      imported after the group exists, e.g. torch.distributed.nn via transformers, hold it as a default
-      argument; DDP holds it too), and a worker that drops the last reference to a finished collective's
-      tensors takes the GIL, which during the teardown ends the thread inside a noexcept destructor:
-      std::terminate and SIGABRT after all work was done (2 of 7 CI runs of the 2-process tests);
+      imported after the group exists, e.g. torch.distributed.nn through transformers' model import,
+      hold it as a default argument), and a worker that drops the last reference to a finished
+      collective's tensors takes the GIL, which during the teardown ends the thread inside a noexcept
+      destructor: std::terminate and SIGABRT after all work was done (2 of 7 CI runs of the 2-process tests);
     - slow: torch, transformers and a CUDA context took 0.6 s (2 CPU cores) to 1.4 s (the H100
       machine) to tear down, after the CLI's output was written.
     An exception inside main() never gets here and exits the usual way.
