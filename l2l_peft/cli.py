@@ -13,7 +13,6 @@ not writable; 128 + the signal number (143 SIGTERM, 130 SIGINT) when stopped by 
 from __future__ import annotations
 
 import argparse
-import atexit
 import dataclasses
 import logging
 import os
@@ -290,14 +289,5 @@ def _log_result(
 
 
 def entry() -> NoReturn:
-    """The process entry point: main(), then exit without the interpreter's teardown.
-
-    Tearing down torch, transformers and a CUDA context took 0.6 s (2 CPU cores) to 1.4 s (the
-    H100 machine) of every run, after the output file is already written. atexit handlers (the
-    scratch-dir cleanup among them) still run; an exception inside main() exits the usual way.
-    """
-    code = main()
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    """The process entry point: main(), then exit without the interpreter's teardown (see exit_process)."""
+    environment.exit_process(main())

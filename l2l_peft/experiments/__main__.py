@@ -1,11 +1,10 @@
 """`accelerate launch -m l2l_peft.experiments CONFIG.yaml --output runs/NAME` (or `python -m`)."""
 
-import sys
-
+from ..environment import exit_process
 from ..extras import exit_without
 
 exit_without("experiments", "python -m l2l_peft.experiments")
 
 from .runner import main
 
-sys.exit(main())
+exit_process(main())

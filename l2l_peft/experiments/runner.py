@@ -223,5 +223,4 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module="torchmetrics")  # single-class queries: handled as NaN
     config = load_config(args.config)
     run_experiment(config, args.output)
-    Accelerator().end_training()
     return 0

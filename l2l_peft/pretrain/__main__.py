@@ -16,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+from ..environment import exit_process
 from ..extras import exit_without
 
 exit_without("experiments", "python -m l2l_peft.pretrain")
@@ -77,10 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             parameters=sum(p.numel() for p in backbone.model.parameters()),
         )  # fmt: skip
         logging.getLogger("l2l_peft.pretrain").info("exported %s after %d steps", args.output, result.progress.step)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
