@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import sys
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -171,3 +172,9 @@ def level_images(levels: np.ndarray, shape: tuple[int, ...], step: int, rng: np.
     """uint8 images whose brightness follows `levels` (one per image), plus noise."""
     spread = levels.reshape(len(levels), *[1] * len(shape))
     return (spread * step + rng.integers(0, 40, (len(levels), *shape))).astype(np.uint8)
+
+
+# 2 CPU processes (gloo); accelerate 1.15's `--cpu --num_processes 2` would start only one
+GLOO_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+GLOO_LAUNCH += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+GLOO_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}

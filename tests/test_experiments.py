@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import socket
 import subprocess
-import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import level_images, make_task, save_npz_dataset, write_task
+from conftest import GLOO_ENV, GLOO_LAUNCH, level_images, make_task, save_npz_dataset, write_task
 from torchcross.data.task import TaskTarget
 
 from l2l_peft.config import AdaptConfig, Method
@@ -204,29 +202,9 @@ def test_two_processes_match_one(one_process_run, npz_dir, vit_dir, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(_config(npz_dir, vit_dir)))
     out = tmp_path / "two"
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        str(_free_port()),
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "l2l_peft.experiments",
-        str(config),
-        "--output",
-        str(out),
-    ]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False)
+    launch = [*GLOO_LAUNCH, "--main_process_port", str(_free_port()), "-m", "l2l_peft.experiments", str(config)]
+    launch += ["--output", str(out)]
+    proc = subprocess.run(launch, cwd=REPO, env=GLOO_ENV, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (
         "ran 8 tasks in " in proc.stderr and " on 2 process(es): " in proc.stderr

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import level_images, make_task, save_npz_dataset
+from conftest import GLOO_ENV, GLOO_LAUNCH, level_images, make_task, save_npz_dataset
 from safetensors import safe_open
 
 from l2l_peft import adapt
@@ -142,32 +142,9 @@ def test_resume_continues_the_same_run(config_path, tmp_path):
 def test_two_process_launch(config_path, tmp_path):
     """DDP across 2 CPU processes (gloo) through accelerate launch; both must agree on the stop step."""
     out = tmp_path / "ddp"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "l2l_peft.pretrain",
-        str(config_path),
-        "--output",
-        str(out),
-        "--steps",
-        "2",
-        "--cpu",
-        "--log-level",
-        "WARNING",
-    ]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, check=False)
+    command = [*GLOO_LAUNCH, "-m", "l2l_peft.pretrain", str(config_path), "--output", str(out), "--steps", "2"]
+    command += ["--cpu", "--log-level", "WARNING"]
+    done = subprocess.run(command, env=GLOO_ENV, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 2 and "2 x CPU" in (out / "README.md").read_text()
