@@ -1,7 +1,7 @@
 """Labelled image datasets for task sampling (experiments) and pretraining.
 
 Sources: the npz layout of the development data (`images` uint8 N x H x W [x 3], `labels`,
-optional `split`; task type and class names in the folder's manifest.json) and an image folder
+optional `split` and `names`; task type and class names in the folder's manifest.json) and an image folder
 with a CSV of `path,label` rows. Images stay uint8 until `to_challenge` turns a batch into the
 challenge's float C x 224 x 224 in [-1, 1].
 """
@@ -9,6 +9,7 @@ challenge's float C x 224 x 224 in [-1, 1].
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ TASK_TYPES = {
     "ordinal": TaskTarget.ORDINAL_REGRESSION,
     "regression": TaskTarget.REGRESSION,
 }
+DERIVED_SPLIT = (0.2, 0.1)  # test and val fractions of the groups of each label, for npz files without a split
 
 
 @dataclass
@@ -59,12 +61,42 @@ def task_type(described: str) -> str:
     return "ordinal" if "ordinal" in note else base.strip()
 
 
+def derived_split(labels: np.ndarray, groups: np.ndarray) -> torch.Tensor:
+    """A fixed train/val/test split where the source has none, so a test part exists to hold out.
+
+    Rows of one group (`names`: e.g. the frames of one ultrasound clip) share their part. Within
+    each label, groups are ranked by a hash of their name, so the split depends neither on row
+    order nor on the machine, and every label with 2+ groups has test rows.
+    """
+    test_frac, val_frac = DERIVED_SPLIT
+    stratum = labels if labels.ndim == 1 else np.zeros(len(labels), dtype=np.int64)
+    split = np.zeros(len(labels), dtype=np.int8)
+    for value in np.unique(stratum):
+        names = sorted({str(g) for g in groups[stratum == value]}, key=lambda g: hashlib.sha256(g.encode()).digest())
+        n_test = max(1, round(test_frac * len(names))) if len(names) > 1 else 0
+        n_val = round(val_frac * len(names))
+        part = {g: 2 if i < n_test else 1 if i < n_test + n_val else 0 for i, g in enumerate(names)}
+        rows = np.flatnonzero(stratum == value)
+        split[rows] = [part[str(g)] for g in groups[rows]]
+    return torch.from_numpy(split)
+
+
 def load_npz(path: str | Path, info: dict) -> LabelledDataset:
-    """One dataset of the development-data layout, described by its manifest entry."""
+    """One dataset of the development-data layout, described by its manifest entry.
+
+    Without a `split` array the split is derived (`derived_split`), grouped by `names` where the
+    file has them (else one group per row).
+    """
     path = Path(path)
     with np.load(path) as data:
         images, labels = data["images"], data["labels"]
-        split = torch.from_numpy(data["split"]) if "split" in data.files else None
+        if "split" in data.files:
+            split = torch.from_numpy(data["split"])
+        else:
+            groups = (
+                data["names"] if "names" in data.files else np.array([f"{path.stem}/{i}" for i in range(len(labels))])
+            )
+            split = derived_split(labels, groups)
     task = task_type(info["task"])
     if task not in TASK_TYPES:
         raise ValueError(f"{path.name}: unknown task type {task!r}; expected one of {sorted(TASK_TYPES)}")
