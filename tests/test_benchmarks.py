@@ -186,3 +186,33 @@ def test_transductive_refinement_ignores_query_order_and_labels():
     order = torch.randperm(9)
     torch.testing.assert_close(refine(objective, support, labels, query[order], TransductiveConfig()), probs[order])
     torch.testing.assert_close(probs.sum(1), torch.ones(9))
+
+
+def _study_rows(path: Path, dataset: str, gains: dict[str, float], n_tasks: int = 10) -> None:
+    """results.jsonl rows of one dataset: every variant scores adapt_supervised's AUROC plus its gain."""
+    rng = np.random.default_rng(0)
+    path.mkdir(parents=True)
+    with (path / "results.jsonl").open("w") as f:
+        for shots in (5, 10):
+            for index in range(n_tasks):
+                base = 0.6 + 0.2 * rng.random()
+                for variant, gain in gains.items():
+                    row = {"task": f"{dataset}/native/{shots}-shot/{index}", "dataset": dataset, "shots": shots,
+                           "variant": variant, "error": None, "metrics": {"auroc": base + gain}}  # fmt: skip
+                    f.write(json.dumps(row) + "\n")
+
+
+def test_backbone_study_ships_only_a_clear_winner_with_no_dataset_much_worse(tmp_path):
+    """The issue's rule: overall gain >= 0.03 at every shot count with CI > 0, no dataset below -0.03."""
+    import backbone_study
+
+    arms = ["supervised", "ssl", "both"]
+    zero = {f"{p}_{a}": 0.0 for p in ("adapt", "probe") for a in [*arms, "random"]}
+    _study_rows(tmp_path / "eval" / "d1", "d1", zero | {"adapt_both": 0.08, "adapt_ssl": 0.10})
+    _study_rows(tmp_path / "eval" / "d2", "d2", zero | {"adapt_both": 0.02, "adapt_ssl": -0.05})
+    decision = backbone_study.analyse(tmp_path, arms)
+    assert decision["both"]["ships"] and decision["both"]["overall"] == pytest.approx([0.05, 0.05])
+    assert not decision["ssl"]["ships"] and decision["ssl"]["worst_dataset"] == pytest.approx(-0.05)
+    assert "| both | **all** | 0.050 [" in (tmp_path / "study.md").read_text()
+    _study_rows(tmp_path / "eval" / "d3", "d3", zero | {"adapt_both": -0.03})  # mean gain 0.023 < 0.03
+    assert not backbone_study.analyse(tmp_path, arms)["both"]["ships"]

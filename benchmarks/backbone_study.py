@@ -1,0 +1,289 @@
+"""Backbone objective study (issue #16): pretraining objectives compared on datasets held out of pretraining.
+
+Held out by fold of datasets, so that one GPU session holds the whole study: every arm (a pretraining
+config: supervised heads, DINO, both) is pretrained once per fold WITHOUT that fold's datasets, all runs
+at once on the GPU, with equal steps and batch. Then each dataset's test tasks are adapted on the fold
+backbone that never saw the dataset, with the default adapt() and a linear probe, and on the random init
+all arms start from. Paired by task, every arm is compared with the supervised arm (the current recipe);
+`--ship` then pretrains each arm that passes the issue's rule on every dataset (same recipe) and exports
+it. Folds keep the two BCCD datasets (one source) together.
+
+    python benchmarks/backbone_study.py --data /tmp/data --work /tmp/study --ship       # GPU, ~20 min
+    python benchmarks/backbone_study.py --work results/backbone_study --analyse-only    # CPU: tables again
+
+Stages skip what their outputs show as done, so rerunning the command resumes. Outputs under --work:
+pretrain/ARM/FOLD (model, log.jsonl, card), eval/DATASET (experiment config + results.jsonl),
+study.md and decision.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import common  # noqa: F401  (the checkout's l2l_peft first on sys.path)
+import yaml
+
+from l2l_peft.experiments.results import Aggregate, bootstrap, read_rows
+
+FOLDS = {
+    "A": ["bccd_multilabel", "wbc_type_bccd", "brain_tumor_mri", "covid_ct_ucsd"],
+    "B": ["pbc_blood_cells", "alzheimer_mri_4class", "pneumoniamnist", "isic_skin_8class"],
+    "C": ["lc25000_lung_histo", "kidney_ct_4class", "retinamnist", "lung_ultrasound_pocus"],
+}
+ARMS = {
+    "supervised": "configs/pretrain/vit_tiny_med.yaml",
+    "ssl": "configs/pretrain/vit_tiny_ssl.yaml",
+    "both": "configs/pretrain/vit_tiny_both.yaml",
+}
+REFERENCE = "supervised"
+SHOTS = [5, 10]
+# the issue's rule for shipping: overall gain >= GAIN at every shot count with the CI above zero,
+# and no dataset's mean worse by more than WORST
+GAIN, WORST = 0.03, -0.03
+RESAMPLES = 2000
+
+
+def run_all(commands: dict[str, list[str]], logs: Path, jobs: int) -> dict[str, int]:
+    """Run the commands, at most `jobs` at a time, each logging to logs/NAME.log; their exit codes."""
+    logs.mkdir(parents=True, exist_ok=True)
+    pending, running, codes = list(commands.items()), {}, {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            name, cmd = pending.pop(0)
+            with open(logs / f"{name}.log", "w") as log:  # the child keeps its own copy
+                running[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        for name, proc in list(running.items()):
+            if proc.poll() is not None:
+                codes[name] = running.pop(name).returncode
+                print(f"{time.strftime('%H:%M:%S')} {name}: exit {codes[name]}", flush=True)
+        time.sleep(2)
+    return codes
+
+
+def arm_config(arm: str, args: argparse.Namespace) -> Path:
+    """The arm's config with this study's batch, warm-up and crops (equal across arms)."""
+    config = yaml.safe_load(Path(ARMS[arm]).read_text())
+    config.update(batch_size=args.batch, warmup_steps=args.warmup, checkpoint_every=args.steps, log_every=25)
+    if "local_crops" in config:
+        config["local_crops"] = args.local_crops
+    path = args.work / "configs" / f"{arm}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def pretrain_command(
+    arm: str, exclude: list[str], output: Path, args: argparse.Namespace, steps: int | None = None
+) -> list[str]:
+    return [
+        sys.executable, "-m", "l2l_peft.pretrain", str(arm_config(arm, args)), "--npz-dir", str(args.data),
+        "--exclude", *exclude, "--steps", str(args.steps if steps is None else steps),
+        "--max-minutes", str(args.max_minutes),
+        "--output", str(output), "--no-resume", "--log-level", "WARNING",
+    ]  # fmt: skip
+
+
+def pretrain_folds(args: argparse.Namespace) -> None:
+    commands = {}
+    random_init = args.work / "pretrain" / "random"
+    if not (random_init / "model.safetensors").is_file():
+        commands["random"] = pretrain_command(
+            REFERENCE, [], random_init, args, steps=0
+        )  # the init of every arm (same seed)
+    for arm in args.arms:
+        for fold in folds(args):
+            output = args.work / "pretrain" / arm / fold
+            if not (output / "model.safetensors").is_file():  # the whole fold held out, also in smoke runs
+                commands[f"{arm}-{fold}"] = pretrain_command(arm, FOLDS[fold], output, args)
+    codes = run_all(commands, args.work / "logs", jobs=len(commands) or 1)
+    if any(codes.values()):
+        raise SystemExit(f"pretraining failed: {codes} (logs in {args.work / 'logs'})")
+
+
+def folds(args: argparse.Namespace) -> dict[str, list[str]]:
+    """{fold: its datasets to evaluate} (all, or those of --datasets)."""
+    known = json.loads((args.data / "manifest.json").read_text())
+    missing = sorted(set(known) - {d for ds in FOLDS.values() for d in ds})
+    if missing:
+        raise SystemExit(f"datasets {missing} are in no fold: add them to FOLDS")
+    chosen = {f: [d for d in ds if args.datasets is None or d in args.datasets] for f, ds in FOLDS.items()}
+    return {f: ds for f, ds in chosen.items() if ds}
+
+
+def experiment_config(dataset: str, fold: str, args: argparse.Namespace) -> dict:
+    pretrained = args.work.resolve() / "pretrain"
+    methods = []
+    for kind, prefix in (("adapt", "adapt"), ("linear_probe", "probe")):
+        for arm in [*args.arms, "random"]:
+            model = pretrained / ("random" if arm == "random" else f"{arm}/{fold}")
+            methods.append({"name": f"{prefix}_{arm}", "kind": kind, "params": {"model": str(model)}})
+    return {
+        "precision": "auto",
+        "reference": f"adapt_{REFERENCE}",
+        "bootstrap": 200,
+        "suite": {
+            "seed": 0, "shots": SHOTS, "tasks": args.tasks, "query_per_class": 15, "split": "test",
+            "sources": [{"kind": "npz", "path": str(args.data.resolve()), "include": [dataset]}],
+        },
+        "methods": methods,
+    }  # fmt: skip
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    commands = {}
+    for fold, datasets in folds(args).items():
+        for dataset in datasets:
+            out = args.work / "eval" / dataset
+            out.mkdir(parents=True, exist_ok=True)
+            path = out / "experiment.yaml"
+            path.write_text(yaml.safe_dump(experiment_config(dataset, fold, args), sort_keys=False))
+            commands[f"eval-{dataset}"] = [
+                sys.executable,
+                "-m",
+                "l2l_peft.experiments",
+                str(path),
+                "--output",
+                str(out),
+            ]
+    codes = run_all(commands, args.work / "logs", jobs=args.jobs)
+    if any(codes.values()):
+        raise SystemExit(f"evaluation failed: {codes} (logs in {args.work / 'logs'})")
+
+
+def scores(work: Path) -> dict[tuple[str, str, int], dict[str, float]]:
+    """{(dataset, task, shots): {variant: AUROC}} over every evaluated dataset."""
+    table: dict[tuple[str, str, int], dict[str, float]] = defaultdict(dict)
+    for path in sorted((work / "eval").glob("*/results.jsonl")):
+        for row in read_rows(path):
+            auroc = (row.get("metrics") or {}).get("auroc")
+            if not row.get("error") and auroc is not None and math.isfinite(auroc):
+                table[(row["dataset"], row["task"], row["shots"])][row["variant"]] = auroc
+    return table
+
+
+def compare(table, variant: str, reference: str, shots: int, dataset: str | None = None) -> Aggregate:
+    """variant minus reference, paired by task (positive: the variant is better)."""
+    diffs = [
+        s[variant] - s[reference]
+        for (d, _, n), s in table.items()
+        if n == shots and (dataset is None or d == dataset) and variant in s and reference in s
+    ]
+    return bootstrap(diffs, resamples=RESAMPLES)
+
+
+def runs(work: Path) -> list[str]:
+    """One row per pretraining run: how far it got, its wall time and throughput (runs shared the GPU)."""
+    lines = ["| run | steps | images | seconds | images/s at the end | loss |", "|---|---|---|---|---|---|"]
+    for log in sorted([*work.glob("pretrain/*/*/log.jsonl"), *work.glob("ship/*/log.jsonl")]):
+        last = json.loads(log.read_text().splitlines()[-1])
+        progress = json.loads((log.parent / "checkpoint" / "progress.json").read_text())
+        run = log.parent.relative_to(work)
+        lines.append(
+            f"| {run} | {progress['step']} | {progress['images']} | {progress['seconds']:.0f} "
+            f"| {last['images_per_s']:.0f} | {last['loss']:.3f} |"
+        )
+    return lines
+
+
+def analyse(work: Path, arms: list[str]) -> dict:
+    table = scores(work)
+    datasets = sorted({d for d, _, _ in table})
+    lines = [f"# Backbone objective study: {len(datasets)} held-out datasets, AUROC", ""]
+    lines += [
+        "## Mean AUROC [95% bootstrap CI over tasks]",
+        "",
+        "| variant | " + " | ".join(f"{n}-shot" for n in SHOTS) + " |",
+    ]
+    lines += ["|---" * (len(SHOTS) + 1) + "|"]
+    variants = [f"{p}_{a}" for p in ("adapt", "probe") for a in [*arms, "random"]]
+    for v in variants:
+        cells = [bootstrap([s[v] for (_, _, n), s in table.items() if n == shots and v in s], resamples=RESAMPLES)
+                 for shots in SHOTS]  # fmt: skip
+        lines.append(f"| {v} | " + " | ".join(c.format() for c in cells) + " |")
+    decision = {}
+    for prefix in ("adapt", "probe"):
+        others = [a for a in [*arms, "random"] if a != REFERENCE]
+        lines += ["", f"## {prefix}: arm minus {prefix}_{REFERENCE}, paired by task (positive: the arm is better)", ""]
+        lines += [
+            "| arm | dataset | " + " | ".join(f"{n}-shot" for n in SHOTS) + " |",
+            "|---|---" + "|---" * len(SHOTS) + "|",
+        ]
+        for arm in others:
+            for dataset in [None, *datasets]:
+                cells = [compare(table, f"{prefix}_{arm}", f"{prefix}_{REFERENCE}", n, dataset) for n in SHOTS]
+                lines.append(f"| {arm} | {dataset or '**all**'} | " + " | ".join(c.format() for c in cells) + " |")
+            if prefix == "adapt" and arm != "random":
+                overall = [compare(table, f"adapt_{arm}", f"adapt_{REFERENCE}", n) for n in SHOTS]
+                worst = min(
+                    compare(table, f"adapt_{arm}", f"adapt_{REFERENCE}", n, d).mean for n in SHOTS for d in datasets
+                )
+                wins = all(o.mean >= GAIN and o.low > 0 for o in overall) and worst >= WORST
+                decision[arm] = {"overall": [o.mean for o in overall], "low": [o.low for o in overall],
+                                 "worst_dataset": worst, "ships": wins}  # fmt: skip
+    lines += ["", "## Pretrained minus random init (probe: frozen features), paired by task", ""]
+    lines += ["| arm | " + " | ".join(f"{p} {n}-shot" for p in ("adapt", "probe") for n in SHOTS) + " |"]
+    lines += ["|---" * (2 * len(SHOTS) + 1) + "|"]
+    for arm in arms:
+        cells = [compare(table, f"{p}_{arm}", f"{p}_random", n) for p in ("adapt", "probe") for n in SHOTS]
+        lines.append(f"| {arm} | " + " | ".join(c.format() for c in cells) + " |")
+    rule = f"ships if every shot count gains >= {GAIN} with CI low > 0 and no dataset is below {WORST}"
+    lines += ["", f"## Decision ({rule})", "", "```", json.dumps(decision, indent=1), "```", ""]
+    lines += ["## Pretraining runs (all at once on one GPU)", "", *runs(work), ""]
+    (work / "study.md").write_text("\n".join(lines))
+    (work / "decision.json").write_text(json.dumps(decision, indent=1) + "\n")
+    print("\n".join(lines), flush=True)
+    return decision
+
+
+def ship(args: argparse.Namespace, decision: dict) -> None:
+    """Pretrain every winning arm on all datasets (the evaluated recipe, nothing held out)."""
+    commands = {
+        f"ship-{arm}": pretrain_command(arm, [], args.work / "ship" / arm, args)
+        for arm, verdict in decision.items()
+        if verdict["ships"] and not (args.work / "ship" / arm / "model.safetensors").is_file()
+    }
+    if not commands:
+        print("no arm passes the rule: nothing to ship", flush=True)
+        return
+    codes = run_all(commands, args.work / "logs", jobs=len(commands))
+    if any(codes.values()):
+        raise SystemExit(f"ship pretraining failed: {codes}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, required=True, help="study folder (resumable)")
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="development npz folder")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--datasets", nargs="+", help="only these datasets (smoke runs)")
+    parser.add_argument("--steps", type=int, default=1000, help="pretraining steps, every arm")
+    parser.add_argument("--batch", type=int, default=256, help="pretraining images per step, every arm")
+    parser.add_argument("--warmup", type=int, default=100, help="warm-up steps")
+    parser.add_argument("--local-crops", type=int, default=4, help="DINO's small crops per image")
+    parser.add_argument(
+        "--max-minutes", type=float, default=12.0, help="guard per pretraining run (compresses the schedule)"
+    )
+    parser.add_argument("--tasks", type=int, default=8, help="tasks per dataset and shot count")
+    parser.add_argument("--jobs", type=int, default=12, help="evaluation processes at once")
+    parser.add_argument("--ship", action="store_true", help="pretrain the winning arms on every dataset")
+    parser.add_argument("--analyse-only", action="store_true", help="only rebuild study.md from eval/")
+    args = parser.parse_args()
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    if not args.analyse_only:
+        pretrain_folds(args)
+        evaluate(args)
+    decision = analyse(args.work, args.arms)
+    if args.ship and not args.analyse_only:
+        ship(args, decision)
+
+
+if __name__ == "__main__":
+    main()
