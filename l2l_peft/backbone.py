@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import use_flash_attention
+from .speed.attention import use_flash_attention
 
 logger = logging.getLogger(__name__)
 

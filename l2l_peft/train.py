@@ -16,12 +16,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
-from .attention import training_kernels
 from .batches import SupportBatches
 from .config import AdaptConfig, Precision
-from .graphs import step_runner, use_graphs
 from .head import Classifier
-from .prefix import prefix_batches
+from .speed.attention import training_kernels
+from .speed.graphs import step_runner, use_graphs
+from .speed.prefix import prefix_batches
 from .targets import Objective
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def _optimizer(
     """AdamW on the head and the method's parameters, linear warm-up then cosine decay.
 
     A CUDA graph replays the optimizer step as captured: it needs capturable=True and tensor learning
-    rates, which the scheduler updates in place (graphs.py).
+    rates, which the scheduler updates in place (speed/graphs.py).
     """
     head_params = [p for p in model.head.parameters() if p.requires_grad]
     other_params = [p for p in model.extractor.parameters() if p.requires_grad]

@@ -13,8 +13,8 @@ from l2l_peft import run
 from l2l_peft.api import build_classifier
 from l2l_peft.backbone import cast_frozen, load_backbone
 from l2l_peft.config import AdaptConfig
-from l2l_peft.graphs import GRAPH_MAX_BATCH, use_graphs
-from l2l_peft.prefix import frozen_prefix
+from l2l_peft.speed.graphs import GRAPH_MAX_BATCH, use_graphs
+from l2l_peft.speed.prefix import frozen_prefix
 from l2l_peft.targets import build_objective
 from l2l_peft.task import load_task
 
@@ -132,7 +132,7 @@ def test_attention_routing_keeps_every_family_output(model_dirs, family):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention needs a GPU")
 def test_flash_attention_matches_sdpa_and_is_captured():
     """The direct flash call gives SDPA's numbers, and forward + backward can be captured in a CUDA graph."""
-    from l2l_peft.attention import flash_or_sdpa
+    from l2l_peft.speed.attention import flash_or_sdpa
 
     module = torch.nn.Module()
     g = torch.Generator(device="cuda").manual_seed(0)

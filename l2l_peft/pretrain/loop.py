@@ -22,9 +22,9 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 from tqdm.auto import tqdm
 
-from ..attention import training_kernels
 from ..config import AdaptConfig
 from ..datasets import LabelledDataset
+from ..speed.attention import training_kernels
 from ..train import TrainingError, make_accelerator
 from .augment import MultiCrop
 from .config import PretrainConfig
