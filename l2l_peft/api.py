@@ -12,11 +12,12 @@ import torch
 from accelerate.utils import set_seed
 
 from .adapters import apply_method, trainable_parameters
-from .backbone import FeatureExtractor, cast_frozen, load_backbone
+from .backbone import FeatureExtractor, load_backbone
 from .config import AdaptConfig, HeadInit, Method, make_config
 from .frozen import FEATURE_METHODS, fit_head, fit_prototypes
 from .head import Classifier, Head
 from .predict import features, fill_with_prior, predict
+from .speed.precision import cast_frozen
 from .targets import Objective, build_objective, output_size
 from .task import TaskData, load_task
 from .train import TrainReport, make_accelerator, train

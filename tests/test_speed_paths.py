@@ -11,9 +11,10 @@ from torchcross.data.task import TaskTarget
 
 from l2l_peft import run
 from l2l_peft.api import build_classifier
-from l2l_peft.backbone import cast_frozen, load_backbone
+from l2l_peft.backbone import load_backbone
 from l2l_peft.config import AdaptConfig
 from l2l_peft.speed.graphs import GRAPH_MAX_BATCH, use_graphs
+from l2l_peft.speed.precision import cast_frozen
 from l2l_peft.speed.prefix import frozen_prefix
 from l2l_peft.targets import build_objective
 from l2l_peft.task import load_task
