@@ -21,9 +21,10 @@ from ..extras import exit_without
 
 exit_without("experiments", "python -m l2l_peft.pretrain")
 
+from ..runtime import make_accelerator
 from .card import hardware, last_log, write_card
 from .config import load_config
-from .loop import accelerator_for, pretrain
+from .loop import pretrain
 from .model import export_backbone
 
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    accelerator = accelerator_for(config)
+    accelerator = make_accelerator(config.precision, cpu=config.cpu)
     try:
         result = pretrain(config, args.output, accelerator=accelerator, resume=args.resume, stop_at=args.stop_at)
     except ValueError as err:  # data selection or checkpoint mismatch: the message says the fix
