@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from . import environment
 from .config import AdaptConfig
+from .runtime import exit_process, set_up_logging
 
 if TYPE_CHECKING:
     import torch
@@ -174,9 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 def _set_up_logging(level: str) -> None:
     """Log lines to stdout; a scratch HOME (environment.prepare) is said once logging is up."""
     scratch = environment.prepare()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
-    for noisy in ("transformers", "accelerate", "peft", "torchopt"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    set_up_logging(level)
     if scratch:
         logger.info("no writable HOME: caches go to %s", scratch)
 
@@ -290,4 +289,4 @@ def _log_result(
 
 def entry() -> NoReturn:
     """The process entry point: main(), then exit without the interpreter's teardown (see exit_process)."""
-    environment.exit_process(main())
+    exit_process(main())

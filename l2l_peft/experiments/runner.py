@@ -30,7 +30,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from ..config import AdaptConfig, make_config
-from ..runtime import make_accelerator
+from ..runtime import make_accelerator, set_up_logging
 from .config import ExperimentConfig, load_config
 from .methods import Variant, build_variants
 from .metrics import task_metrics
@@ -217,9 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="run directory: results.jsonl, summary.md, plots")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "accelerate", "peft"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    set_up_logging(args.log_level, stream=sys.stderr)
     warnings.filterwarnings("ignore", module="torchmetrics")  # single-class queries: handled as NaN
     config = load_config(args.config)
     run_experiment(config, args.output)

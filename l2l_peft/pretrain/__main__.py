@@ -16,12 +16,11 @@ import logging
 import sys
 from pathlib import Path
 
-from ..environment import exit_process
 from ..extras import exit_without
 
 exit_without("experiments", "python -m l2l_peft.pretrain")
 
-from ..runtime import make_accelerator
+from ..runtime import exit_process, make_accelerator, set_up_logging
 from .card import hardware, last_log, write_card
 from .config import load_config
 from .loop import pretrain
@@ -51,11 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout
-    )
-    for noisy in ("transformers", "accelerate"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    set_up_logging(args.log_level)
     try:
         config = load_config(
             args.config, npz_dir=args.npz_dir, exclude=args.exclude, steps=args.steps, max_minutes=args.max_minutes,
