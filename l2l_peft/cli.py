@@ -3,7 +3,7 @@
 Flags mirror AdaptConfig fields (`--max-steps` sets max_steps). Once the task is read the output
 always holds a valid answer: the class prior of the support labels is written first and replaced
 by the best predictions when they are ready; a run that fails degrades to simpler predictors (see
-fallback.py), and SIGTERM or SIGINT end the run at once with what the file holds. `--strict`
+container/fallback.py), and SIGTERM or SIGINT end the run at once with what the file holds. `--strict`
 turns the prior and the fallbacks off.
 
 Exit status: 0 written; 2 unreadable or invalid task or flags; 3 no backbone (--strict); 4 output
@@ -25,8 +25,8 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from . import environment
 from .config import AdaptConfig
+from .container import environment
 from .runtime import exit_process, set_up_logging
 
 if TYPE_CHECKING:
@@ -256,7 +256,7 @@ def _predict(data: TaskData, config: AdaptConfig, *, strict: bool) -> tuple[Adap
     """(result, what produced it): the fallback chain, or with --strict the recipe alone (no backbone: exit 3)."""
     from .api import run
     from .backbone import BackboneError
-    from .fallback import run_with_fallbacks
+    from .container.fallback import run_with_fallbacks
 
     if not strict:
         return run_with_fallbacks(data, config)

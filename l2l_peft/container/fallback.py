@@ -16,12 +16,12 @@ from collections.abc import Callable
 
 import torch
 
-from .api import AdaptResult, run
-from .backbone import BackboneError
-from .config import AdaptConfig, Method, Precision
-from .targets import class_prior, output_size
-from .task import TaskData
-from .train import TrainingError
+from ..api import AdaptResult, run
+from ..backbone import BackboneError
+from ..config import AdaptConfig, Method, Precision
+from ..targets import class_prior, output_size
+from ..task import TaskData
+from ..train import TrainingError
 
 logger = logging.getLogger(__name__)
 
