@@ -9,7 +9,7 @@ import pytest
 from conftest import level_images, save_npz_dataset
 from torchcross.data.task import TaskTarget
 
-from l2l_peft.datasets import load_npz_dir
+from l2l_peft.data.datasets import load_npz_dir
 
 
 def test_annotated_task_types_load(tmp_path):

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 from tqdm.auto import tqdm
 
-from ..datasets import LabelledDataset
+from ..data.datasets import LabelledDataset
 from ..speed.attention import training_kernels
 from ..train import TrainingError
 from .augment import MultiCrop
