@@ -1,5 +1,6 @@
-"""The single door for Hugging Face vision models: offline resolution, loading, input adaptation, features.
+"""The single door for Hugging Face vision models: offline loading, input adaptation, features.
 
+Where a model's files are is cache.py's job (resolve_model); this module loads them strictly offline.
 Feature rule (one for every family): concat(global token, mean of patch tokens) from the last
 layer. The global token is the model's trained pooled output where it has one (CLIP, SigLIP,
 Swin, DINOv2's normed CLS), else the CLS token (ViT, DeiT); models without prefix tokens use the
@@ -11,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -20,12 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import BackboneError, ModelSource, Probe, resolve_model
 from .speed.attention import use_flash_attention
 
 logger = logging.getLogger(__name__)
-
-REPO_CACHE = Path(__file__).resolve().parent.parent / "hf_cache"
-MANIFEST = "manifest.json"
 
 # Families whose vision tower lives inside a two-tower checkpoint, or has its own class.
 _VISION_CLASSES = {
@@ -38,65 +36,6 @@ _VISION_CLASSES = {
 }
 # Families whose HF pooler is a fresh, untrained layer: load without it.
 _NO_POOLER = {"vit", "deit"}
-
-
-class BackboneError(RuntimeError):
-    """The backbone cannot be found or loaded; the message says how to fix it."""
-
-
-def default_cache_dir() -> Path | None:
-    """The repository's hf_cache/ when present (source checkouts, the container), else HF's own."""
-    return REPO_CACHE if REPO_CACHE.is_dir() else None
-
-
-def read_manifest(cache_dir: str | Path | None) -> dict[str, Any]:
-    path = Path(cache_dir or default_cache_dir() or ".") / MANIFEST
-    if not path.is_file():
-        return {"default": None, "models": {}}
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise BackboneError(f"cannot read {path}: {err}") from err
-    manifest.setdefault("default", None)
-    manifest.setdefault("models", {})
-    return manifest
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model's files are: a directory, or a hub id inside an HF cache."""
-
-    name: str  # what the user asked for (hub id or directory)
-    location: str  # directory or hub id handed to from_pretrained
-    cache_dir: str | None
-
-
-def resolve_model(model: str | None, cache_dir: str | None) -> ModelSource:
-    """Map a hub id / directory / nothing to files on disk, following the cache's manifest."""
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    manifest = read_manifest(cache)
-    if model is None:
-        model = manifest["default"]
-        if model is None:
-            where = cache or "the HF cache"
-            raise BackboneError(
-                f"no model given and no default in {where}/{MANIFEST}; pass --model HUB_ID_OR_DIR "
-                "or run `python prefetch.py --model HUB_ID` first"
-            )
-    entry = manifest["models"].get(model, {})
-    if entry.get("path") and cache is not None:  # a model stored as a plain directory in the cache
-        return ModelSource(model, str(cache / entry["path"]), None)
-    directory = Path(model).expanduser()
-    if directory.is_dir():
-        return ModelSource(model, str(directory), None)
-    if looks_like_path(model):
-        raise BackboneError(f"model directory `{model}` does not exist (hub ids have the form org/name)")
-    return ModelSource(model, model, str(cache) if cache else None)
-
-
-def looks_like_path(name: str) -> bool:
-    """A name meant as a local directory, not a hub id (`name` or `org/name`)."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 def _model_class(model_type: str) -> Any:
@@ -245,3 +184,12 @@ def load_backbone(model: str | None = None, cache_dir: str | None = None) -> Fea
         _requested.add(source)
         return _load(source)
     return copy.deepcopy(_load_pristine(source))
+
+
+def probe(directory: str | Path) -> Probe:
+    """Load a stored model the way adaptation does and run one image through it."""
+    extractor = load_backbone(str(directory))
+    features = extractor(torch.zeros(1, 3, extractor.input_size, extractor.input_size))
+    if features.shape != (1, extractor.feature_dim) or not bool(torch.isfinite(features).all()):
+        raise BackboneError(f"{directory}: features of shape {tuple(features.shape)} are not finite vectors")
+    return Probe(sum(p.numel() for p in extractor.parameters()), extractor.feature_dim)

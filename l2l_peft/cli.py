@@ -255,7 +255,7 @@ def _left_of_budget(config: AdaptConfig, elapsed: float) -> AdaptConfig:
 def _predict(data: TaskData, config: AdaptConfig, *, strict: bool) -> tuple[AdaptResult, str]:
     """(result, what produced it): the fallback chain, or with --strict the recipe alone (no backbone: exit 3)."""
     from .api import run
-    from .backbone import BackboneError
+    from .cache import BackboneError
     from .container.fallback import run_with_fallbacks
 
     if not strict:
@@ -270,7 +270,7 @@ def _log_result(
     data: TaskData, config: AdaptConfig, result: AdaptResult, how: str, *, start: float, budget: float
 ) -> None:
     """One line that says what answered, with which model and method, in how much of the budget."""
-    from .backbone import BackboneError, resolve_model
+    from .cache import BackboneError, resolve_model
 
     try:
         model = resolve_model(config.model, config.cache_dir).name

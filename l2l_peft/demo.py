@@ -23,7 +23,7 @@ import torch
 from torchcross.data.task import Task, TaskDescription
 
 from . import cli
-from .backbone import REPO_CACHE, BackboneError, resolve_model
+from .cache import REPO_CACHE, BackboneError, resolve_model
 from .config import ENV_CACHE, ENV_MODEL
 from .data.datasets import load_npz_dir, to_challenge
 from .extras import exit_without

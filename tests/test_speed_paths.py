@@ -118,7 +118,8 @@ def test_cuda_graph_trains_like_eager(vit_dir, target, last_blocks):
 @pytest.mark.parametrize("family", ["vit", "dinov2", "clip", "siglip", "swin"])
 def test_attention_routing_keeps_every_family_output(model_dirs, family):
     """load_backbone routes SDPA models through attention.flash_or_sdpa; off the GPU it must be SDPA exactly."""
-    from l2l_peft.backbone import load_hf_model, resolve_model
+    from l2l_peft.backbone import load_hf_model
+    from l2l_peft.cache import resolve_model
 
     extractor = load_backbone(str(model_dirs[family])).eval()
     plain, _ = load_hf_model(resolve_model(str(model_dirs[family]), None))

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from ..api import AdaptResult, run
-from ..backbone import BackboneError
+from ..cache import BackboneError
 from ..config import AdaptConfig, Method, Precision
 from ..targets import class_prior, output_size
 from ..task import TaskData
