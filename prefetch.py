@@ -24,11 +24,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from l2l_peft.backbone import looks_like_path
-from l2l_peft.cache import PrefetchError, copy_local, describe, fetch_hub, probe_offline, record
+from l2l_peft.cache import REPO_CACHE, Added, PrefetchError, add_model
 
 DEFAULT_MODEL = "facebook/dinov2-small"
-REPO_CACHE = Path(__file__).resolve().parent / "hf_cache"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,34 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _is_local(name: str) -> bool:
-    return Path(name).exists() or looks_like_path(name)
-
-
-def prefetch(name: str, cache: Path, *, revision: str | None, make_default: bool) -> None:
-    if _is_local(name):
-        source = Path(name).expanduser()
-        if not source.is_dir():
-            raise PrefetchError(
-                f"{source} is not a directory (local models are directories saved with save_pretrained)"
-            )
-        model_id, revision = f"local/{source.resolve().name}", "local"
-        directory = copy_local(source, model_id, cache)
-    else:
-        model_id = name
-        directory, revision = fetch_hub(name, cache, revision)
-    found = probe_offline(directory)
-    entry = describe(directory, cache) | {
-        "revision": revision,
-        "parameters": found.parameters,
-        "feature_dim": found.feature_dim,
-    }
-    manifest = record(cache, model_id, entry, make_default=make_default)
+def report(added: Added) -> str:
+    entry = added.entry
     size = sum(f["size"] for f in entry["files"].values())
-    default = " (default)" if manifest["default"] == model_id else ""
-    print(
-        f"{model_id}{default}: revision {revision}, {found.parameters:,} parameters, "
-        f"{size / 2**20:.1f} MiB on disk, feature dim {found.feature_dim}, in {directory}"
+    return (
+        f"{added.model_id}{' (default)' if added.default else ''}: revision {entry['revision']}, "
+        f"{entry['parameters']:,} parameters, {size / 2**20:.1f} MiB on disk, feature dim {entry['feature_dim']}, "
+        f"in {added.directory}"
     )
 
 
@@ -78,10 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     args.cache.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(args.model or [DEFAULT_MODEL]):
         try:
-            prefetch(name, args.cache, revision=args.revision, make_default=i == 0 and not args.no_default)
+            added = add_model(name, args.cache, revision=args.revision, make_default=i == 0 and not args.no_default)
         except PrefetchError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
+        print(report(added))
     return 0
 
 

@@ -60,10 +60,9 @@ def make_task(n_support: int, n_query: int, size: int, seed: int = 0) -> Task:
 
 def fresh_accelerate() -> None:
     """accelerate keeps one global precision per process; rows with another precision need a reset."""
-    from accelerate.state import AcceleratorState, GradientState
+    from l2l_peft.runtime import reset_accelerate
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate(device=True)
 
 
 def sync() -> None:

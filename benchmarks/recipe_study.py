@@ -28,7 +28,7 @@ from l2l_peft.config import AdaptConfig
 from l2l_peft.experiments.config import SuiteConfig
 from l2l_peft.experiments.suites import Suite
 from l2l_peft.predict import features, predict
-from l2l_peft.train import make_accelerator
+from l2l_peft.runtime import make_accelerator
 
 # Datasets the shipped l2l-vit-tiny-med never saw (its model card lists the six it was trained on).
 UNSEEN = [
@@ -57,7 +57,7 @@ def flip(images: torch.Tensor) -> torch.Tensor:
 
 def study_task(data, seed: int, model: str | None, recipes: list[str]) -> dict:
     base = AdaptConfig(model=model, seed=seed)
-    accelerator = make_accelerator(base)
+    accelerator = make_accelerator(base.precision, cpu=base.cpu)
     extractor = load_backbone(model).to(accelerator.device)
     batch = base.predict_batch_size
 

@@ -1,7 +1,7 @@
 """l2l_peft: few-shot adaptation of pretrained vision transformers to medical imaging tasks."""
 
 from .api import AdaptResult, adapt, run
-from .backbone import BackboneError
+from .cache import BackboneError
 from .config import AdaptConfig, Method, Precision
 from .io import save_predictions
 from .task import TaskError, load_task

@@ -12,14 +12,16 @@ import torch
 from accelerate.utils import set_seed
 
 from .adapters import apply_method, trainable_parameters
-from .backbone import FeatureExtractor, cast_frozen, load_backbone
+from .backbone import FeatureExtractor, load_backbone
 from .config import AdaptConfig, HeadInit, Method, make_config
 from .frozen import FEATURE_METHODS, fit_head, fit_prototypes
 from .head import Classifier, Head
 from .predict import features, fill_with_prior, predict
+from .runtime import make_accelerator
+from .speed.precision import cast_frozen
 from .targets import Objective, build_objective, output_size
 from .task import TaskData, load_task
-from .train import TrainReport, make_accelerator, train
+from .train import TrainReport, train
 from .vpt import VPT_METHODS, add_visual_prompts
 
 logger = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ class Fitted:
 def fit(data: TaskData, config: AdaptConfig, *, deadline: float | None = None) -> Fitted:
     """Load the backbone, attach the method and a head, train on the support set (the frozen-feature
     methods fit the head on the support features instead)."""
-    accelerator = make_accelerator(config)
+    accelerator = make_accelerator(config.precision, cpu=config.cpu)
     set_seed(config.seed)
     extractor = load_backbone(config.model, config.cache_dir)
     loaded = time.monotonic()
@@ -112,7 +114,7 @@ def run(task: Any, config: AdaptConfig | None = None, **overrides: Any) -> Adapt
     config = make_config(config, **overrides).with_env()
     deadline = start + config.time_budget if config.time_budget else None
     data = task if isinstance(task, TaskData) else load_task(task if not isinstance(task, Path) else str(task))
-    accelerator = make_accelerator(config)
+    accelerator = make_accelerator(config.precision, cpu=config.cpu)
     result = AdaptResult(
         torch.empty(0, output_size(data.target, data.classes)), config, precision=accelerator.mixed_precision
     )

@@ -1,5 +1,6 @@
-"""The single door for Hugging Face vision models: offline resolution, loading, input adaptation, features.
+"""The single door for Hugging Face vision models: offline loading, input adaptation, features.
 
+Where a model's files are is cache.py's job (resolve_model); this module loads them strictly offline.
 Feature rule (one for every family): concat(global token, mean of patch tokens) from the last
 layer. The global token is the model's trained pooled output where it has one (CLIP, SigLIP,
 Swin, DINOv2's normed CLS), else the CLS token (ViT, DeiT); models without prefix tokens use the
@@ -11,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -20,12 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import use_flash_attention
+from .cache import BackboneError, ModelSource, Probe, resolve_model
+from .speed.attention import use_flash_attention
 
 logger = logging.getLogger(__name__)
-
-REPO_CACHE = Path(__file__).resolve().parent.parent / "hf_cache"
-MANIFEST = "manifest.json"
 
 # Families whose vision tower lives inside a two-tower checkpoint, or has its own class.
 _VISION_CLASSES = {
@@ -38,65 +36,6 @@ _VISION_CLASSES = {
 }
 # Families whose HF pooler is a fresh, untrained layer: load without it.
 _NO_POOLER = {"vit", "deit"}
-
-
-class BackboneError(RuntimeError):
-    """The backbone cannot be found or loaded; the message says how to fix it."""
-
-
-def default_cache_dir() -> Path | None:
-    """The repository's hf_cache/ when present (source checkouts, the container), else HF's own."""
-    return REPO_CACHE if REPO_CACHE.is_dir() else None
-
-
-def read_manifest(cache_dir: str | Path | None) -> dict[str, Any]:
-    path = Path(cache_dir or default_cache_dir() or ".") / MANIFEST
-    if not path.is_file():
-        return {"default": None, "models": {}}
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise BackboneError(f"cannot read {path}: {err}") from err
-    manifest.setdefault("default", None)
-    manifest.setdefault("models", {})
-    return manifest
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model's files are: a directory, or a hub id inside an HF cache."""
-
-    name: str  # what the user asked for (hub id or directory)
-    location: str  # directory or hub id handed to from_pretrained
-    cache_dir: str | None
-
-
-def resolve_model(model: str | None, cache_dir: str | None) -> ModelSource:
-    """Map a hub id / directory / nothing to files on disk, following the cache's manifest."""
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    manifest = read_manifest(cache)
-    if model is None:
-        model = manifest["default"]
-        if model is None:
-            where = cache or "the HF cache"
-            raise BackboneError(
-                f"no model given and no default in {where}/{MANIFEST}; pass --model HUB_ID_OR_DIR "
-                "or run `python prefetch.py --model HUB_ID` first"
-            )
-    entry = manifest["models"].get(model, {})
-    if entry.get("path") and cache is not None:  # a model stored as a plain directory in the cache
-        return ModelSource(model, str(cache / entry["path"]), None)
-    directory = Path(model).expanduser()
-    if directory.is_dir():
-        return ModelSource(model, str(directory), None)
-    if looks_like_path(model):
-        raise BackboneError(f"model directory `{model}` does not exist (hub ids have the form org/name)")
-    return ModelSource(model, model, str(cache) if cache else None)
-
-
-def looks_like_path(name: str) -> bool:
-    """A name meant as a local directory, not a hub id (`name` or `org/name`)."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 def _model_class(model_type: str) -> Any:
@@ -217,46 +156,6 @@ class FeatureExtractor(nn.Module):
         return torch.cat([pooled, patches], dim=-1)
 
 
-def cast_frozen(module: nn.Module, dtype: torch.dtype, *, stream: bool = True) -> int:
-    """Store frozen tensors in the autocast dtype; returns how many were cast.
-
-    Frozen Linear/Conv weights: autocast re-casts them on every forward anyway (it caches only
-    trainable leaves), so storing them cast gives the same numbers without the per-step copies.
-    With `stream`, frozen norms and embeddings follow and the norms run in that dtype, so the
-    residual stream stays bf16: autocast alone returns every LayerNorm in float32, and the float32
-    stream's adds, norms and casts took more GPU time than the matmuls at batch 128 (run2_profile.log).
-    Trainable tensors (adapters, head, prompts) keep float32 for the optimizer; a trainable norm
-    (BitFit) keeps its float32 output.
-    """
-    cast = 0
-    for layer in module.modules():
-        params = list(layer.parameters(recurse=False))
-        frozen = [p for p in params if not p.requires_grad and p.is_floating_point()]
-        if isinstance(layer, nn.LayerNorm) and len(frozen) < len(params):
-            continue  # a trained norm keeps float32 weights, so autocast's float32 output is right
-        if not (stream or isinstance(layer, (nn.Linear, nn.Conv2d))):
-            continue
-        for param in frozen:
-            if param.dtype != dtype:
-                param.data = param.data.to(dtype)
-                cast += 1
-        if stream and type(layer) is nn.LayerNorm and layer.weight is not None:
-            layer.__class__ = _OwnDtypeLayerNorm
-        if stream and hasattr(
-            layer, "_cast_input_dtype"
-        ):  # a peft layer would cast bf16 inputs up to its float32 adapters
-            layer.cast_input_dtype_enabled = False
-    return cast
-
-
-class _OwnDtypeLayerNorm(nn.LayerNorm):
-    """LayerNorm returning its weights' dtype under autocast (statistics still accumulate in float32)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            return F.layer_norm(x.to(self.weight.dtype), self.normalized_shape, self.weight, self.bias, self.eps)
-
-
 def _load(source: ModelSource) -> FeatureExtractor:
     model, prep = load_hf_model(source)
     use_flash_attention(model)
@@ -285,3 +184,12 @@ def load_backbone(model: str | None = None, cache_dir: str | None = None) -> Fea
         _requested.add(source)
         return _load(source)
     return copy.deepcopy(_load_pristine(source))
+
+
+def probe(directory: str | Path) -> Probe:
+    """Load a stored model the way adaptation does and run one image through it."""
+    extractor = load_backbone(str(directory))
+    features = extractor(torch.zeros(1, 3, extractor.input_size, extractor.input_size))
+    if features.shape != (1, extractor.feature_dim) or not bool(torch.isfinite(features).all()):
+        raise BackboneError(f"{directory}: features of shape {tuple(features.shape)} are not finite vectors")
+    return Probe(sum(p.numel() for p in extractor.parameters()), extractor.feature_dim)

@@ -1,9 +1,10 @@
-"""Filling the offline model cache: fetch (hub) or copy (local dir), verify, record in the manifest.
+"""The offline model cache: where a model's files are, and filling the cache; the one owner of its manifest.
 
-`prefetch.py` is the command line; this module is its logic. Every model is stored as a plain
-directory `hf_cache/models--ORG--NAME/` (ignored by git) and described by an entry of
-`hf_cache/manifest.json`; `backbone.resolve_model` follows the entry's `path`, so loading needs
-neither the network nor HF's snapshot layout.
+Every model is stored as a plain directory `hf_cache/models--ORG--NAME/` (ignored by git) and
+described by an entry of `hf_cache/manifest.json` (path, revision, files with size and sha256; a
+`default` entry names the model used when none is given). resolve_model follows the entry's
+`path`, so loading needs neither the network nor HF's snapshot layout. `prefetch.py` is the command
+line of `add_model`, which fetches (hub) or copies (local directory), verifies and records a model.
 """
 
 from __future__ import annotations
@@ -18,12 +19,84 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .backbone import MANIFEST, BackboneError, load_backbone, read_manifest
+REPO_CACHE = Path(__file__).resolve().parent.parent / "hf_cache"
+MANIFEST = "manifest.json"
 
 # What loading needs; weights only as safetensors so no .bin/.h5/.msgpack duplicates are fetched.
 CONFIG_FILES = ["config.json", "preprocessor_config.json"]
 SAFETENSORS = ["*.safetensors", "*.safetensors.index.json"]
 BIN_FALLBACK = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]  # repos without safetensors
+
+
+class BackboneError(RuntimeError):
+    """The backbone cannot be found or loaded; the message says how to fix it."""
+
+
+def default_cache_dir() -> Path | None:
+    """The repository's hf_cache/ when present (source checkouts, the container), else HF's own."""
+    return REPO_CACHE if REPO_CACHE.is_dir() else None
+
+
+def read_manifest(cache_dir: str | Path | None) -> dict[str, Any]:
+    path = Path(cache_dir or default_cache_dir() or ".") / MANIFEST
+    if not path.is_file():
+        return {"default": None, "models": {}}
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise BackboneError(f"cannot read {path}: {err}") from err
+    manifest.setdefault("default", None)
+    manifest.setdefault("models", {})
+    return manifest
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are: a directory, or a hub id inside an HF cache."""
+
+    name: str  # what the user asked for (hub id or directory)
+    location: str  # directory or hub id handed to from_pretrained
+    cache_dir: str | None
+
+
+def resolve_model(model: str | None, cache_dir: str | None) -> ModelSource:
+    """Map a hub id / directory / nothing to files on disk, following the cache's manifest."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    manifest = read_manifest(cache)
+    if model is None:
+        model = manifest["default"]
+        if model is None:
+            where = cache or "the HF cache"
+            raise BackboneError(
+                f"no model given and no default in {where}/{MANIFEST}; pass --model HUB_ID_OR_DIR "
+                "or run `python prefetch.py --model HUB_ID` first"
+            )
+    entry = manifest["models"].get(model, {})
+    if entry.get("path") and cache is not None:  # a model stored as a plain directory in the cache
+        return ModelSource(model, str(cache / entry["path"]), None)
+    directory = Path(model).expanduser()
+    if directory.is_dir():
+        return ModelSource(model, str(directory), None)
+    if looks_like_path(model):
+        raise BackboneError(f"model directory `{model}` does not exist (hub ids have the form org/name)")
+    return ModelSource(model, model, str(cache) if cache else None)
+
+
+def looks_like_path(name: str) -> bool:
+    """A name meant as a local directory, not a hub id (`name` or `org/name`)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def record(cache: Path, model_id: str, entry: dict[str, Any], *, make_default: bool) -> dict[str, Any]:
+    """Add or replace one manifest entry (atomic write); returns the new manifest."""
+    manifest = read_manifest(cache)
+    manifest["models"][model_id] = entry
+    if make_default:
+        manifest["default"] = model_id
+    tmp = cache / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.replace(cache / MANIFEST)
+    return manifest
 
 
 class PrefetchError(RuntimeError):
@@ -114,22 +187,11 @@ def _wanted(name: str) -> bool:
     return any(fnmatch(name, pattern) for pattern in CONFIG_FILES + SAFETENSORS + BIN_FALLBACK)
 
 
-def probe(directory: str | Path) -> Probe:
-    """Load a stored model the way adaptation does and run one image through it."""
-    import torch
-
-    extractor = load_backbone(str(directory))
-    features = extractor(torch.zeros(1, 3, extractor.input_size, extractor.input_size))
-    if features.shape != (1, extractor.feature_dim) or not bool(torch.isfinite(features).all()):
-        raise BackboneError(f"{directory}: features of shape {tuple(features.shape)} are not finite vectors")
-    return Probe(sum(p.numel() for p in extractor.parameters()), extractor.feature_dim)
-
-
 def probe_offline(directory: Path) -> Probe:
-    """probe() in a fresh interpreter with the hub switched off: proves the copy is self-contained."""
+    """backbone.probe() in a fresh interpreter with the hub switched off: proves the copy is self-contained."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     code = (
-        "import dataclasses, json, sys; from l2l_peft.cache import probe; "
+        "import dataclasses, json, sys; from l2l_peft.backbone import probe; "
         "print(json.dumps(dataclasses.asdict(probe(sys.argv[1]))))"
     )
     done = subprocess.run(
@@ -153,13 +215,34 @@ def describe(directory: Path, cache: Path) -> dict[str, Any]:
     return {"path": directory.relative_to(cache).as_posix(), "files": files}
 
 
-def record(cache: Path, model_id: str, entry: dict[str, Any], *, make_default: bool) -> dict[str, Any]:
-    """Add or replace one manifest entry (atomic write); returns the new manifest."""
-    manifest = read_manifest(cache)
-    manifest["models"][model_id] = entry
-    if make_default:
-        manifest["default"] = model_id
-    tmp = cache / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    tmp.replace(cache / MANIFEST)
-    return manifest
+@dataclass(frozen=True)
+class Added:
+    """A model that add_model stored and recorded."""
+
+    model_id: str
+    directory: Path
+    entry: dict[str, Any]  # its manifest entry
+    default: bool  # whether it is now the manifest's default
+
+
+def add_model(name: str, cache: Path, *, revision: str | None, make_default: bool) -> Added:
+    """Fetch a hub id (at `revision`) or copy a saved local directory into `cache`, load it offline, record it."""
+    if Path(name).exists() or looks_like_path(name):
+        source = Path(name).expanduser()
+        if not source.is_dir():
+            raise PrefetchError(
+                f"{source} is not a directory (local models are directories saved with save_pretrained)"
+            )
+        model_id, revision = f"local/{source.resolve().name}", "local"
+        directory = copy_local(source, model_id, cache)
+    else:
+        model_id = name
+        directory, revision = fetch_hub(name, cache, revision)
+    found = probe_offline(directory)
+    entry = describe(directory, cache) | {
+        "revision": revision,
+        "parameters": found.parameters,
+        "feature_dim": found.feature_dim,
+    }
+    manifest = record(cache, model_id, entry, make_default=make_default)
+    return Added(model_id, directory, entry, manifest["default"] == model_id)

@@ -3,7 +3,7 @@
 Flags mirror AdaptConfig fields (`--max-steps` sets max_steps). Once the task is read the output
 always holds a valid answer: the class prior of the support labels is written first and replaced
 by the best predictions when they are ready; a run that fails degrades to simpler predictors (see
-fallback.py), and SIGTERM or SIGINT end the run at once with what the file holds. `--strict`
+container/fallback.py), and SIGTERM or SIGINT end the run at once with what the file holds. `--strict`
 turns the prior and the fallbacks off.
 
 Exit status: 0 written; 2 unreadable or invalid task or flags; 3 no backbone (--strict); 4 output
@@ -25,8 +25,9 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from . import environment
 from .config import AdaptConfig
+from .container import environment
+from .runtime import exit_process, set_up_logging
 
 if TYPE_CHECKING:
     import torch
@@ -174,9 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 def _set_up_logging(level: str) -> None:
     """Log lines to stdout; a scratch HOME (environment.prepare) is said once logging is up."""
     scratch = environment.prepare()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
-    for noisy in ("transformers", "accelerate", "peft", "torchopt"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    set_up_logging(level)
     if scratch:
         logger.info("no writable HOME: caches go to %s", scratch)
 
@@ -256,8 +255,8 @@ def _left_of_budget(config: AdaptConfig, elapsed: float) -> AdaptConfig:
 def _predict(data: TaskData, config: AdaptConfig, *, strict: bool) -> tuple[AdaptResult, str]:
     """(result, what produced it): the fallback chain, or with --strict the recipe alone (no backbone: exit 3)."""
     from .api import run
-    from .backbone import BackboneError
-    from .fallback import run_with_fallbacks
+    from .cache import BackboneError
+    from .container.fallback import run_with_fallbacks
 
     if not strict:
         return run_with_fallbacks(data, config)
@@ -271,7 +270,7 @@ def _log_result(
     data: TaskData, config: AdaptConfig, result: AdaptResult, how: str, *, start: float, budget: float
 ) -> None:
     """One line that says what answered, with which model and method, in how much of the budget."""
-    from .backbone import BackboneError, resolve_model
+    from .cache import BackboneError, resolve_model
 
     try:
         model = resolve_model(config.model, config.cache_dir).name
@@ -290,4 +289,4 @@ def _log_result(
 
 def entry() -> NoReturn:
     """The process entry point: main(), then exit without the interpreter's teardown (see exit_process)."""
-    environment.exit_process(main())
+    exit_process(main())

@@ -23,9 +23,9 @@ import torch
 from torchcross.data.task import Task, TaskDescription
 
 from . import cli
-from .backbone import REPO_CACHE, BackboneError, resolve_model
+from .cache import REPO_CACHE, BackboneError, resolve_model
 from .config import ENV_CACHE, ENV_MODEL
-from .datasets import load_npz_dir, to_challenge
+from .data.datasets import load_npz_dir, to_challenge
 from .extras import exit_without
 from .task import challenge_task
 
@@ -36,7 +36,7 @@ DEV_DATA = REPO_CACHE.parent.parent / "shared" / "data"
 
 def sample_demo_task(data_dir: Path, dataset: str, shots: int, seed: int) -> tuple[Task, torch.Tensor]:
     """A challenge task of `shots` support and 10 query images per class, and its query labels."""
-    from .experiments.sampling import sample_task
+    from .data.sampling import sample_task
 
     ds = load_npz_dir(data_dir, include=[dataset])[dataset]
     # the test split where there is one: the shipped backbone was pretrained on the other splits

@@ -14,14 +14,13 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 
-from .attention import training_kernels
 from .batches import SupportBatches
-from .config import AdaptConfig, Precision
-from .graphs import step_runner, use_graphs
+from .config import AdaptConfig
 from .head import Classifier
-from .prefix import prefix_batches
+from .speed.attention import training_kernels
+from .speed.graphs import step_runner, use_graphs
+from .speed.prefix import prefix_batches
 from .targets import Objective
 
 logger = logging.getLogger(__name__)
@@ -45,33 +44,6 @@ class TrainReport:
     @property
     def images_per_second(self) -> float:
         return self.steps * self.batch_size / max(self.seconds, 1e-9)
-
-
-def make_accelerator(config: AdaptConfig) -> Accelerator:
-    """An Accelerator with the config's precision and device.
-
-    accelerate keeps one global state per process and ignores the arguments of later Accelerators,
-    so a second adapt() call or an experiment variant with another precision would silently run
-    with the first one's; such a call resets the state (a distributed process group stays).
-    """
-    cpu = config.cpu or not torch.cuda.is_available()
-    if config.precision is not Precision.AUTO:
-        precision = config.precision.value
-    elif cpu:
-        precision = "no"
-    else:
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if AcceleratorState._shared_state:
-        state = AcceleratorState()
-        on_cpu = state.device.type == "cpu"
-        if state.mixed_precision == precision and on_cpu == cpu:
-            return Accelerator()
-        if on_cpu != cpu and state.num_processes > 1:
-            raise ValueError(f"cpu={cpu} cannot change inside a distributed run on {state.device}")
-        AcceleratorState._reset_state(reset_partial_state=on_cpu != cpu)
-        GradientState._reset_state()
-    # cpu=True without CUDA: accelerate 1.15 only forms a CPU process group (gloo) when told so
-    return Accelerator(mixed_precision=precision, cpu=cpu)
 
 
 def plan(n_support: int, config: AdaptConfig) -> tuple[int, int]:
@@ -154,7 +126,7 @@ def _optimizer(
     """AdamW on the head and the method's parameters, linear warm-up then cosine decay.
 
     A CUDA graph replays the optimizer step as captured: it needs capturable=True and tensor learning
-    rates, which the scheduler updates in place (graphs.py).
+    rates, which the scheduler updates in place (speed/graphs.py).
     """
     head_params = [p for p in model.head.parameters() if p.requires_grad]
     other_params = [p for p in model.extractor.parameters() if p.requires_grad]

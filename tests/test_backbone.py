@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from l2l_peft import BackboneError
-from l2l_peft.backbone import load_backbone, resolve_model
+from l2l_peft.backbone import load_backbone
+from l2l_peft.cache import resolve_model
 
 
 def test_features_have_documented_size_for_every_family(model_dirs):

@@ -15,9 +15,10 @@ import torch
 from conftest import CLASSES, make_task, old_layout, write_task
 from torchcross.data.task import TaskTarget
 
-from l2l_peft import fallback, io
+from l2l_peft import io
 from l2l_peft import task as task_module
 from l2l_peft.cli import Output, Stopped, build_parser, main
+from l2l_peft.container import fallback
 from l2l_peft.task import load_task
 
 

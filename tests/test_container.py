@@ -19,8 +19,9 @@ import pytest
 import torch
 from conftest import CLASSES, make_task, save_tiny_model, write_task
 
-from l2l_peft import api, fallback
+from l2l_peft import api
 from l2l_peft.config import AdaptConfig, Precision
+from l2l_peft.container import fallback
 from l2l_peft.targets import output_size
 from l2l_peft.task import load_task
 
@@ -77,7 +78,7 @@ def test_nan_loss_retries_in_fp32_then_prototypes(data, config, monkeypatch, cap
     calls = []
     real_run = fallback.run
     monkeypatch.setattr(fallback, "run", lambda d, c: calls.append(c) or real_run(d, c))
-    with caplog.at_level(logging.WARNING, logger="l2l_peft.fallback"):
+    with caplog.at_level(logging.WARNING, logger="l2l_peft.container.fallback"):
         result, how = fallback.run_with_fallbacks(data, config)
     assert how == "prototypes on frozen features"
     assert calls[1].precision is Precision.FP32
@@ -100,7 +101,7 @@ def test_exhausted_budget_skips_retry(data, config, monkeypatch, caplog):
     train, calls = _failing_train(9, RuntimeError("boom"))
     monkeypatch.setattr(api, "train", train)
     monkeypatch.setattr(fallback, "RETRY_MIN_BUDGET_FRACTION", 1.0)
-    with caplog.at_level(logging.WARNING, logger="l2l_peft.fallback"):
+    with caplog.at_level(logging.WARNING, logger="l2l_peft.container.fallback"):
         _, how = fallback.run_with_fallbacks(data, config)
     assert how == "prototypes on frozen features"
     assert len(calls) == 1

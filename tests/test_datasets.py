@@ -10,7 +10,7 @@ import torch
 from conftest import level_images, save_npz_dataset
 from torchcross.data.task import TaskTarget
 
-from l2l_peft.datasets import derived_split, load_npz_dir
+from l2l_peft.data.datasets import derived_split, load_npz_dir
 
 
 def test_annotated_task_types_load(tmp_path):

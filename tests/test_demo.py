@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from l2l_peft import load_task
-from l2l_peft.backbone import REPO_CACHE
+from l2l_peft.cache import REPO_CACHE
 from l2l_peft.demo import DEV_DATA, SAMPLE_DATA, pretraining_datasets, sample_demo_task
 
 

@@ -19,13 +19,13 @@ from conftest import GLOO_ENV, GLOO_LAUNCH, level_images, make_task, save_npz_da
 from torchcross.data.task import TaskTarget
 
 from l2l_peft.config import AdaptConfig, Method
+from l2l_peft.data.sampling import sample_task
+from l2l_peft.data.sources import medimeta_source
 from l2l_peft.experiments.config import SuiteConfig, parse_config
 from l2l_peft.experiments.methods import Kind, MethodSpec, build_variants, expand
 from l2l_peft.experiments.metrics import task_metrics
 from l2l_peft.experiments.results import RESULTS, bootstrap, paired_differences, read_rows
 from l2l_peft.experiments.runner import run_experiment
-from l2l_peft.experiments.sampling import sample_task
-from l2l_peft.experiments.sources import medimeta_source
 from l2l_peft.experiments.suites import Suite
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,7 +15,8 @@ from types import SimpleNamespace
 import pytest
 from conftest import save_tiny_model
 
-from l2l_peft.backbone import load_backbone, resolve_model
+from l2l_peft.backbone import load_backbone
+from l2l_peft.cache import resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("prefetch", ROOT / "prefetch.py")

@@ -155,7 +155,8 @@ SHIPPED = Path(__file__).resolve().parent.parent / "hf_cache" / "l2l-vit-tiny-me
 
 @pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(), reason="shipped backbone not in this checkout")
 def test_shipped_backbone_is_the_offline_default():
-    from l2l_peft.backbone import load_backbone, resolve_model
+    from l2l_peft.backbone import load_backbone
+    from l2l_peft.cache import resolve_model
 
     assert resolve_model(None, None).location == str(SHIPPED)
     assert (SHIPPED / "model.safetensors").stat().st_size <= 15 * 2**20

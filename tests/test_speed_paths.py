@@ -11,10 +11,11 @@ from torchcross.data.task import TaskTarget
 
 from l2l_peft import run
 from l2l_peft.api import build_classifier
-from l2l_peft.backbone import cast_frozen, load_backbone
+from l2l_peft.backbone import load_backbone
 from l2l_peft.config import AdaptConfig
-from l2l_peft.graphs import GRAPH_MAX_BATCH, use_graphs
-from l2l_peft.prefix import frozen_prefix
+from l2l_peft.speed.graphs import GRAPH_MAX_BATCH, use_graphs
+from l2l_peft.speed.precision import cast_frozen
+from l2l_peft.speed.prefix import frozen_prefix
 from l2l_peft.targets import build_objective
 from l2l_peft.task import load_task
 
@@ -117,7 +118,8 @@ def test_cuda_graph_trains_like_eager(vit_dir, target, last_blocks):
 @pytest.mark.parametrize("family", ["vit", "dinov2", "clip", "siglip", "swin"])
 def test_attention_routing_keeps_every_family_output(model_dirs, family):
     """load_backbone routes SDPA models through attention.flash_or_sdpa; off the GPU it must be SDPA exactly."""
-    from l2l_peft.backbone import load_hf_model, resolve_model
+    from l2l_peft.backbone import load_hf_model
+    from l2l_peft.cache import resolve_model
 
     extractor = load_backbone(str(model_dirs[family])).eval()
     plain, _ = load_hf_model(resolve_model(str(model_dirs[family]), None))
@@ -132,7 +134,7 @@ def test_attention_routing_keeps_every_family_output(model_dirs, family):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention needs a GPU")
 def test_flash_attention_matches_sdpa_and_is_captured():
     """The direct flash call gives SDPA's numbers, and forward + backward can be captured in a CUDA graph."""
-    from l2l_peft.attention import flash_or_sdpa
+    from l2l_peft.speed.attention import flash_or_sdpa
 
     module = torch.nn.Module()
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -27,9 +27,11 @@ from common import CLASSES, fresh_accelerate, make_task, matmul_peak, save_model
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torchcross.data.task import TaskTarget
 
-from l2l_peft import api, attention
-from l2l_peft.backbone import cast_frozen, load_backbone
+from l2l_peft import api
+from l2l_peft.backbone import load_backbone
 from l2l_peft.config import AdaptConfig
+from l2l_peft.speed import attention
+from l2l_peft.speed.precision import cast_frozen
 from l2l_peft.targets import build_objective
 from l2l_peft.task import load_task
 

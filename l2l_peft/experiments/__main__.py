@@ -1,7 +1,7 @@
 """`accelerate launch -m l2l_peft.experiments CONFIG.yaml --output runs/NAME` (or `python -m`)."""
 
-from ..environment import exit_process
 from ..extras import exit_without
+from ..runtime import exit_process
 
 exit_without("experiments", "python -m l2l_peft.experiments")
 

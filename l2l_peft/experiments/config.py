@@ -28,7 +28,7 @@ from .methods import MethodSpec
 
 @dataclass
 class SuiteConfig:
-    """Which few-shot tasks to run; sampled tasks follow the MedIMeta protocol (see sampling.py)."""
+    """Which few-shot tasks to run; sampled tasks follow the MedIMeta protocol (see data/sampling.py)."""
 
     sources: list[dict[str, Any]] = field(default_factory=list)  # one dict per source, `kind` + its loader's arguments
     shots: list[int] = field(default_factory=lambda: [1, 5, 10, 20])  # n per class (binary: n pos + n neg)

@@ -30,7 +30,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from ..config import AdaptConfig, make_config
-from ..train import make_accelerator
+from ..runtime import make_accelerator, set_up_logging
 from .config import ExperimentConfig, load_config
 from .methods import Variant, build_variants
 from .metrics import task_metrics
@@ -157,7 +157,7 @@ def run_experiment(config: ExperimentConfig, output: Path) -> Path:
     """Run (or resume) the experiment into `output`; returns the results file."""
     base = AdaptConfig(model=config.model, cache_dir=config.cache_dir, precision=config.precision, cpu=config.cpu)
     base = make_config(base, **config.defaults)
-    accelerator = make_accelerator(base)
+    accelerator = make_accelerator(base.precision, cpu=base.cpu)
     variants = build_variants(config.methods, base)
     if config.reference is not None and config.reference not in {v.name for v in variants}:
         raise ValueError(f"reference {config.reference!r} is not a variant; variants: {[v.name for v in variants]}")
@@ -217,9 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="run directory: results.jsonl, summary.md, plots")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "accelerate", "peft"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    set_up_logging(args.log_level, stream=sys.stderr)
     warnings.filterwarnings("ignore", module="torchmetrics")  # single-class queries: handled as NaN
     config = load_config(args.config)
     run_experiment(config, args.output)

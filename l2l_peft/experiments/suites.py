@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from torchcross.data.task import Task, TaskDescription, TaskTarget
 
-from ..datasets import to_challenge
+from ..data.datasets import to_challenge
+from ..data.sampling import derive_seed, sample_task
+from ..data.sources import Target, load_targets
 from ..task import TaskData, TaskError, load_task, unpickle_task
 from .config import SuiteConfig
-from .sampling import derive_seed, sample_task
-from .sources import Target, load_targets
 
 logger = logging.getLogger(__name__)
 

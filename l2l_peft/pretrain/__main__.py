@@ -16,14 +16,14 @@ import logging
 import sys
 from pathlib import Path
 
-from ..environment import exit_process
 from ..extras import exit_without
 
 exit_without("experiments", "python -m l2l_peft.pretrain")
 
+from ..runtime import exit_process, make_accelerator, set_up_logging
 from .card import hardware, last_log, write_card
 from .config import load_config
-from .loop import accelerator_for, pretrain
+from .loop import pretrain
 from .model import export_backbone
 
 
@@ -50,11 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout
-    )
-    for noisy in ("transformers", "accelerate"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    set_up_logging(args.log_level)
     try:
         config = load_config(
             args.config, npz_dir=args.npz_dir, exclude=args.exclude, steps=args.steps, max_minutes=args.max_minutes,
@@ -63,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    accelerator = accelerator_for(config)
+    accelerator = make_accelerator(config.precision, cpu=config.cpu)
     try:
         result = pretrain(config, args.output, accelerator=accelerator, resume=args.resume, stop_at=args.stop_at)
     except ValueError as err:  # data selection or checkpoint mismatch: the message says the fix

@@ -10,7 +10,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 
-from ..datasets import LabelledDataset
+from ..data.datasets import LabelledDataset
 from .config import PretrainConfig, PretrainObjective
 from .loop import LOG, Progress
 

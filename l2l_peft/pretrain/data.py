@@ -1,6 +1,6 @@
 """Pretraining data: every source decoded once into uint8 tensors on the device, sampled in balance.
 
-Sources are the experiments' (l2l_peft.experiments.sources: npz folder, CSV image folder,
+Sources are the experiments' (l2l_peft.data.sources: npz folder, CSV image folder,
 MedIMeta), so one YAML vocabulary names data for both. Test rows (split == 2; MedIMeta: the
 train split only) are dropped here, so a dataset's evaluation split never reaches pretraining.
 """
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..datasets import LabelledDataset
-from ..experiments.sources import NATIVE, load_targets
+from ..data.datasets import LabelledDataset
+from ..data.sources import NATIVE, load_targets
 from ..targets import Objective, build_objective
 from .config import PretrainConfig
 

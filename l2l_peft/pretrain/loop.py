@@ -22,10 +22,9 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 from tqdm.auto import tqdm
 
-from ..attention import training_kernels
-from ..config import AdaptConfig
-from ..datasets import LabelledDataset
-from ..train import TrainingError, make_accelerator
+from ..data.datasets import LabelledDataset
+from ..speed.attention import training_kernels
+from ..train import TrainingError
 from .augment import MultiCrop
 from .config import PretrainConfig
 from .data import BalancedSampler, load_sources
@@ -54,10 +53,6 @@ class Progress:
 
     def write(self, directory: Path) -> None:
         (directory / PROGRESS).write_text(json.dumps(self.__dict__) + "\n")
-
-
-def accelerator_for(config: PretrainConfig) -> Accelerator:
-    return make_accelerator(AdaptConfig(precision=config.precision, cpu=config.cpu))
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..backbone import FeatureExtractor, load_hf_model, resolve_model
+from ..backbone import FeatureExtractor, load_hf_model
+from ..cache import resolve_model
 from ..head import Head
 from .config import VIT_SIZES, PretrainConfig
 

@@ -15,14 +15,13 @@ import time
 from collections.abc import Callable
 
 import torch
-from accelerate.state import AcceleratorState
 
-from .api import AdaptResult, run
-from .backbone import BackboneError
-from .config import AdaptConfig, Method, Precision
-from .targets import class_prior, output_size
-from .task import TaskData
-from .train import TrainingError
+from ..api import AdaptResult, run
+from ..cache import BackboneError
+from ..config import AdaptConfig, Method, Precision
+from ..targets import class_prior, output_size
+from ..task import TaskData
+from ..train import TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +82,7 @@ def run_with_fallbacks(data: TaskData, config: AdaptConfig) -> tuple[AdaptResult
         if remaining is not None and remaining < attempt.min_budget_fraction * budget:
             logger.warning("skipping %s: %.0fs of the budget left", attempt.name, remaining)
             continue
-        attempt_config = attempt.config(config, failure)
-        if attempt_config.precision is not config.precision:
-            AcceleratorState._reset_state()  # accelerate keeps one precision per process
+        attempt_config = attempt.config(config, failure)  # another precision: make_accelerator resets accelerate
         try:
             result = run(data, dataclasses.replace(attempt_config, time_budget=remaining))
             check(result.probabilities, data)

@@ -13,7 +13,7 @@ ENDS_A_DISTRIBUTED_RUN = """
 import atexit, os, sys
 import torch
 import torch.distributed as dist
-from l2l_peft.environment import exit_process
+from l2l_peft.runtime import exit_process
 
 dist.init_process_group("gloo", init_method=sys.argv[1], rank=0, world_size=1)
 import torch.distributed.nn  # noqa: F401  holds the group as a default argument, as transformers' imports do

@@ -1,7 +1,7 @@
 """Labelled datasets to sample tasks from, one `Target` per dataset x prediction target.
 
 Each `suite.sources` entry names a loader by `kind`; its other keys are the loader's arguments:
-  npz       path, include, exclude, targets   (the development-data layout, l2l_peft.datasets)
+  npz       path, include, exclude, targets   (the development-data layout, data/datasets.py)
   folder    csv, task, name, classes, targets (images + `path,label` CSV)
   medimeta  path, datasets, tasks             (MedIMeta via the optional `medimeta` package)
 A dataset's targets are `native` (its own labels) and `binary:CLASS` (CLASS vs the rest), so one
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torchcross.data.task import TaskTarget
 
-from ..datasets import LabelledDataset, load_image_folder, load_npz_dir
+from .datasets import LabelledDataset, load_image_folder, load_npz_dir
 
 logger = logging.getLogger(__name__)
 

@@ -21,12 +21,12 @@ from contextlib import AbstractContextManager, contextmanager
 import torch
 from torch import nn
 
-from .adapters import _BLOCK
-from .augment import augment
-from .backbone import FeatureExtractor
-from .batches import SupportBatches
-from .config import AdaptConfig
-from .head import Classifier
+from ..adapters import _BLOCK
+from ..augment import augment
+from ..backbone import FeatureExtractor
+from ..batches import SupportBatches
+from ..config import AdaptConfig
+from ..head import Classifier
 
 
 class _Stop(Exception):

@@ -1,8 +1,7 @@
-"""The process around a front end: the challenge's sandbox settings, and how the process ends.
+"""The challenge's sandbox settings: offline mode, and a scratch HOME when the real one is not writable.
 
 The CLI calls `prepare()` before anything imports huggingface_hub or transformers (both read
 their settings at import). Only unset variables are filled, so a container's own settings win.
-Every front end's process ends through `exit_process()`.
 """
 
 from __future__ import annotations
@@ -10,10 +9,8 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
-from typing import NoReturn
 
 # The CLI only ever loads local files; saying so also stops version checks, telemetry and bars.
 OFFLINE = {
@@ -59,28 +56,3 @@ def prepare(environ: dict[str, str] | os._Environ = os.environ) -> Path | None:
             environ[key] = str(scratch / sub)
             (scratch / sub).mkdir()
     return scratch
-
-
-def exit_process(code: int) -> NoReturn:
-    """End the process once main() has returned: atexit handlers run, the interpreter's teardown does not.
-
-    In a distributed run the processes first meet, then leave the process group; a failing process
-    leaves at once (the launcher stops the others). The teardown is skipped because it is
-    - unsafe in a distributed run: gloo's worker threads outlive destroy_process_group (torch modules
-      imported after the group exists, e.g. torch.distributed.nn through transformers' model import,
-      hold it as a default argument), and a worker that drops the last reference to a finished
-      collective's tensors takes the GIL, which during the teardown ends the thread inside a noexcept
-      destructor: std::terminate and SIGABRT after all work was done (2 of 7 CI runs of the 2-process tests);
-    - slow: torch, transformers and a CUDA context took 0.6 s (2 CPU cores) to 1.4 s (the H100
-      machine) to tear down, after the CLI's output was written.
-    An exception inside main() never gets here and exits the usual way.
-    """
-    dist = sys.modules.get("torch.distributed")  # only if something imported it
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        if code == 0:
-            dist.barrier()
-        dist.destroy_process_group()
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
