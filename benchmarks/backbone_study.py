@@ -11,9 +11,8 @@ it. Folds keep the two BCCD datasets (one source) together.
     python benchmarks/backbone_study.py --data /tmp/data --work /tmp/study --ship       # GPU, ~20 min
     python benchmarks/backbone_study.py --work results/backbone_study --analyse-only    # CPU: tables again
 
-Stages skip what their outputs show as done, so rerunning the command resumes. Outputs under --work:
-pretrain/ARM/FOLD (model, log.jsonl, card), eval/DATASET (experiment config + results.jsonl),
-study.md and decision.json.
+Outputs under --work: pretrain/ARM/FOLD (model, log.jsonl, card), eval/DATASET/ARM (experiment config
+and results.jsonl), study.md and decision.json. A rerun keeps exported backbones and finished rows.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import common  # noqa: F401  (the checkout's l2l_peft first on sys.path)
@@ -46,27 +46,43 @@ ARMS = {
 REFERENCE = "supervised"
 SHOTS = [5, 10]
 # the issue's rule for shipping: overall gain >= GAIN at every shot count with the CI above zero,
-# and no dataset's mean worse by more than WORST
+# no dataset's mean worse by more than WORST, and at least MIN_TASKS tasks in every evaluated cell
 GAIN, WORST = 0.03, -0.03
+MIN_TASKS = 8  # paired tasks per dataset and shot count before the rule may say yes (a cell with none: not sampled)
 RESAMPLES = 2000
 
 
-def run_all(commands: dict[str, list[str]], logs: Path, jobs: int) -> dict[str, int]:
-    """Run the commands, at most `jobs` at a time, each logging to logs/NAME.log; their exit codes.
+@dataclass
+class Job:
+    name: str
+    command: list[str]
+    after: list[str] = field(default_factory=list)  # jobs that must have ended well first
 
-    Each child gets its share of the CPU cores as its thread count: 12 evaluation processes with
-    torch's default (every core each) spent 13-25 s loading a model and 12-35 s per adaptation on
-    a 16-core H200 machine (first device run), against about 1 s alone.
+
+def run_jobs(jobs: list[Job], logs: Path, parallel: int) -> dict[str, int]:
+    """Run each job once its `after` jobs exited 0, at most `parallel` at once; their exit codes.
+
+    A job whose prerequisite failed is skipped (code -1). Each child gets its share of the CPU
+    cores as its thread count: 12 evaluation processes with torch's default (every core each)
+    spent 13-25 s loading a model and 12-35 s per adaptation on a 16-core H200 machine (first
+    device run), against about 1 s alone.
     """
     logs.mkdir(parents=True, exist_ok=True)
-    threads = str(max(1, (os.cpu_count() or 1) // min(jobs, max(1, len(commands)))))
+    threads = str(max(1, (os.cpu_count() or 1) // max(1, min(parallel, len(jobs)))))
     env = os.environ | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    pending, running, codes = list(commands.items()), {}, {}
+    pending, running, codes = list(jobs), {}, {}
+    listed = {job.name for job in jobs}
     while pending or running:
-        while pending and len(running) < jobs:
-            name, cmd = pending.pop(0)
-            with open(logs / f"{name}.log", "w") as log:  # the child keeps its own copy
-                running[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        for job in list(pending):
+            after = [name for name in job.after if name in listed]  # the others ended in an earlier run
+            if any(codes.get(name, 0) != 0 for name in after):
+                pending.remove(job)
+                codes[job.name] = -1
+                print(f"{time.strftime('%H:%M:%S')} {job.name}: skipped (a prerequisite failed)", flush=True)
+            elif len(running) < parallel and all(name in codes for name in after):
+                pending.remove(job)
+                with open(logs / f"{job.name}.log", "w") as log:  # the child keeps its own copy
+                    running[job.name] = subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT, env=env)
         for name, proc in list(running.items()):
             if proc.poll() is not None:
                 codes[name] = running.pop(name).returncode
@@ -98,21 +114,15 @@ def pretrain_command(
     ]  # fmt: skip
 
 
-def pretrain_folds(args: argparse.Namespace) -> None:
-    commands = {}
-    random_init = args.work / "pretrain" / "random"
-    if not (random_init / "model.safetensors").is_file():
-        commands["random"] = pretrain_command(
-            REFERENCE, [], random_init, args, steps=0
-        )  # the init of every arm (same seed)
+def pretrain_jobs(args: argparse.Namespace) -> list[Job]:
+    """The random init every arm starts from (same seed), and each arm once per fold without that fold."""
+    jobs = [Job("random", pretrain_command(REFERENCE, [], args.work / "pretrain" / "random", args, steps=0))]
     for arm in args.arms:
-        for fold in folds(args):
-            output = args.work / "pretrain" / arm / fold
-            if not (output / "model.safetensors").is_file():  # the whole fold held out, also in smoke runs
-                commands[f"{arm}-{fold}"] = pretrain_command(arm, FOLDS[fold], output, args)
-    codes = run_all(commands, args.work / "logs", jobs=len(commands) or 1)
-    if any(codes.values()):
-        raise SystemExit(f"pretraining failed: {codes} (logs in {args.work / 'logs'})")
+        for fold in folds(args):  # the whole fold held out, also where --datasets picks some of it
+            jobs.append(
+                Job(f"{arm}-{fold}", pretrain_command(arm, FOLDS[fold], args.work / "pretrain" / arm / fold, args))
+            )
+    return jobs
 
 
 def folds(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -125,16 +135,16 @@ def folds(args: argparse.Namespace) -> dict[str, list[str]]:
     return {f: ds for f, ds in chosen.items() if ds}
 
 
-def experiment_config(dataset: str, fold: str, args: argparse.Namespace) -> dict:
+def experiment_config(dataset: str, fold: str, arms: list[str], args: argparse.Namespace) -> dict:
+    """Default adapt() and linear probe on the fold backbones of `arms` (and the random init if named)."""
     pretrained = args.work.resolve() / "pretrain"
     methods = []
     for kind, prefix in (("adapt", "adapt"), ("linear_probe", "probe")):
-        for arm in [*args.arms, "random"]:
+        for arm in arms:
             model = pretrained / ("random" if arm == "random" else f"{arm}/{fold}")
             methods.append({"name": f"{prefix}_{arm}", "kind": kind, "params": {"model": str(model)}})
     return {
         "precision": "auto",
-        "reference": f"adapt_{REFERENCE}",
         "bootstrap": 200,
         "suite": {
             "seed": 0, "shots": SHOTS, "tasks": args.tasks, "query_per_class": 15, "split": "test",
@@ -144,31 +154,40 @@ def experiment_config(dataset: str, fold: str, args: argparse.Namespace) -> dict
     }  # fmt: skip
 
 
-def evaluate(args: argparse.Namespace) -> None:
-    commands = {}
+def evaluation_jobs(args: argparse.Namespace) -> list[Job]:
+    """One job per dataset and arm, started as soon as that arm's fold backbone exists.
+
+    The supervised arm (with the random init) starts while the slower self-supervised arms still
+    train. Tasks derive from the suite seed and their identity, so every job samples the same
+    tasks and the rows pair by task across jobs.
+    """
+    jobs = []
     for fold, datasets in folds(args).items():
         for dataset in datasets:
-            out = args.work / "eval" / dataset
-            out.mkdir(parents=True, exist_ok=True)
-            path = out / "experiment.yaml"
-            path.write_text(yaml.safe_dump(experiment_config(dataset, fold, args), sort_keys=False))
-            commands[f"eval-{dataset}"] = [
-                sys.executable,
-                "-m",
-                "l2l_peft.experiments",
-                str(path),
-                "--output",
-                str(out),
-            ]
-    codes = run_all(commands, args.work / "logs", jobs=args.jobs)
-    if any(codes.values()):
-        raise SystemExit(f"evaluation failed: {codes} (logs in {args.work / 'logs'})")
+            for arm in args.arms:
+                arms = [arm, "random"] if arm == REFERENCE else [arm]
+                out = args.work / "eval" / dataset / arm
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "experiment.yaml").write_text(
+                    yaml.safe_dump(experiment_config(dataset, fold, arms, args), sort_keys=False)
+                )
+                command = [
+                    sys.executable,
+                    "-m",
+                    "l2l_peft.experiments",
+                    str(out / "experiment.yaml"),
+                    "--output",
+                    str(out),
+                ]
+                after = [f"{arm}-{fold}"] + (["random"] if "random" in arms else [])
+                jobs.append(Job(f"eval-{dataset}-{arm}", command, after))
+    return jobs
 
 
 def scores(work: Path) -> dict[tuple[str, str, int], dict[str, float]]:
     """{(dataset, task, shots): {variant: AUROC}} over every evaluated dataset."""
     table: dict[tuple[str, str, int], dict[str, float]] = defaultdict(dict)
-    for path in sorted((work / "eval").glob("*/results.jsonl")):
+    for path in sorted((work / "eval").rglob("results.jsonl")):
         for row in read_rows(path):
             auroc = (row.get("metrics") or {}).get("auroc")
             if not row.get("error") and auroc is not None and math.isfinite(auroc):
@@ -229,20 +248,21 @@ def analyse(work: Path, arms: list[str]) -> dict:
                 lines.append(f"| {arm} | {dataset or '**all**'} | " + " | ".join(c.format() for c in cells) + " |")
             if prefix == "adapt" and arm != "random":
                 overall = [compare(table, f"adapt_{arm}", f"adapt_{REFERENCE}", n) for n in SHOTS]
-                means = [
-                    compare(table, f"adapt_{arm}", f"adapt_{REFERENCE}", n, d).mean for n in SHOTS for d in datasets
-                ]
-                worst = min((m for m in means if math.isfinite(m)), default=math.nan)  # NaN: a cell not run
-                wins = all(o.mean >= GAIN and o.low > 0 for o in overall) and worst >= WORST
+                cells = {
+                    (n, d): compare(table, f"adapt_{arm}", f"adapt_{REFERENCE}", n, d) for n in SHOTS for d in datasets
+                }
+                worst = min((c.mean for c in cells.values() if c.n), default=math.nan)
+                short = sorted(f"{d} {n}-shot: {c.n}" for (n, d), c in cells.items() if 0 < c.n < MIN_TASKS)
+                wins = all(o.mean >= GAIN and o.low > 0 for o in overall) and worst >= WORST and not short
                 decision[arm] = {"overall": [o.mean for o in overall], "low": [o.low for o in overall],
-                                 "worst_dataset": worst, "ships": wins}  # fmt: skip
+                                 "worst_dataset": worst, "too_few_tasks": short, "ships": wins}  # fmt: skip
     lines += ["", "## Pretrained minus random init (probe: frozen features), paired by task", ""]
     lines += ["| arm | " + " | ".join(f"{p} {n}-shot" for p in ("adapt", "probe") for n in SHOTS) + " |"]
     lines += ["|---" * (2 * len(SHOTS) + 1) + "|"]
     for arm in arms:
         cells = [compare(table, f"{p}_{arm}", f"{p}_random", n) for p in ("adapt", "probe") for n in SHOTS]
         lines.append(f"| {arm} | " + " | ".join(c.format() for c in cells) + " |")
-    rule = f"ships if every shot count gains >= {GAIN} with CI low > 0 and no dataset is below {WORST}"
+    rule = f"ships if every shot count gains >= {GAIN}, CI low > 0, no dataset < {WORST}, >= {MIN_TASKS} tasks a cell"
     lines += ["", f"## Decision ({rule})", "", "```", json.dumps(decision, indent=1), "```", ""]
     lines += ["## Pretraining runs (all at once on one GPU)", "", *runs(work), ""]
     (work / "study.md").write_text("\n".join(lines))
@@ -253,15 +273,15 @@ def analyse(work: Path, arms: list[str]) -> dict:
 
 def ship(args: argparse.Namespace, decision: dict) -> None:
     """Pretrain every winning arm on all datasets (the evaluated recipe, nothing held out)."""
-    commands = {
-        f"ship-{arm}": pretrain_command(arm, [], args.work / "ship" / arm, args)
+    jobs = [
+        Job(f"ship-{arm}", pretrain_command(arm, [], args.work / "ship" / arm, args))
         for arm, verdict in decision.items()
-        if verdict["ships"] and not (args.work / "ship" / arm / "model.safetensors").is_file()
-    }
-    if not commands:
+        if verdict["ships"]
+    ]
+    if not jobs:
         print("no arm passes the rule: nothing to ship", flush=True)
         return
-    codes = run_all(commands, args.work / "logs", jobs=len(commands))
+    codes = run_jobs(jobs, args.work / "logs", parallel=len(jobs))
     if any(codes.values()):
         raise SystemExit(f"ship pretraining failed: {codes}")
 
@@ -286,8 +306,10 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     if not args.analyse_only:
-        pretrain_folds(args)
-        evaluate(args)
+        pretraining = pretrain_jobs(args)
+        codes = run_jobs(pretraining + evaluation_jobs(args), args.work / "logs", parallel=len(pretraining) + args.jobs)
+        if any(codes.values()):
+            raise SystemExit(f"failed: { {k: v for k, v in codes.items() if v} } (logs in {args.work / 'logs'})")
     decision = analyse(args.work, args.arms)
     if args.ship and not args.analyse_only:
         ship(args, decision)

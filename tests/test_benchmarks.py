@@ -216,3 +216,31 @@ def test_backbone_study_ships_only_a_clear_winner_with_no_dataset_much_worse(tmp
     assert "| both | **all** | 0.050 [" in (tmp_path / "study.md").read_text()
     _study_rows(tmp_path / "eval" / "d3", "d3", zero | {"adapt_both": -0.03})  # mean gain 0.023 < 0.03
     assert not backbone_study.analyse(tmp_path, arms)["both"]["ships"]
+    few = tmp_path / "few"
+    _study_rows(few / "eval" / "d1", "d1", zero | {"adapt_both": 0.08}, n_tasks=3)  # a clear gain, too few tasks
+    assert backbone_study.analyse(few, arms)["both"]["too_few_tasks"] == ["d1 10-shot: 3", "d1 5-shot: 3"]
+    assert not backbone_study.analyse(few, arms)["both"]["ships"]
+
+
+def test_backbone_study_jobs_wait_for_their_backbones_and_skip_after_a_failure(tmp_path):
+    """Evaluation starts only after its pretraining ended well; a failed backbone skips its evaluations."""
+    from backbone_study import Job, run_jobs
+
+    def touch(name: str, code: int = 0) -> list[str]:
+        return [
+            sys.executable,
+            "-c",
+            f"import pathlib, sys, time; time.sleep(1); pathlib.Path(r'{tmp_path}/{name}').touch(); sys.exit({code})",
+        ]
+
+    check = f"import pathlib, sys; sys.exit(0 if pathlib.Path(r'{tmp_path}/good').exists() else 3)"
+    jobs = [
+        Job("good", touch("good")),
+        Job("bad", touch("bad", code=1)),
+        Job("eval-good", [sys.executable, "-c", check], after=["good"]),
+        Job("eval-bad", touch("eval-bad"), after=["bad"]),
+        Job("eval-earlier", touch("eval-earlier"), after=["made-by-an-earlier-run"]),
+    ]
+    codes = run_jobs(jobs, tmp_path / "logs", parallel=5)
+    assert codes == {"good": 0, "bad": 1, "eval-good": 0, "eval-bad": -1, "eval-earlier": 0}
+    assert not (tmp_path / "eval-bad").exists() and (tmp_path / "logs" / "eval-good.log").is_file()
