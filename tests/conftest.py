@@ -174,6 +174,12 @@ def level_images(levels: np.ndarray, shape: tuple[int, ...], step: int, rng: np.
     return (spread * step + rng.integers(0, 40, (len(levels), *shape))).astype(np.uint8)
 
 
+def python_path(*first: Path) -> str:
+    """PYTHONPATH for a child interpreter: `first`, then the inherited entries, where this interpreter may
+    find its own packages (the GPU machine's torchcross is in /tmp/site through PYTHONPATH)."""
+    return os.pathsep.join([*map(str, first), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
 # 2 CPU processes (gloo); accelerate 1.15's `--cpu --num_processes 2` would start only one
 GLOO_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
 GLOO_LAUNCH += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
