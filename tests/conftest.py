@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import socket
 import sys
 from pathlib import Path
 
@@ -180,7 +181,19 @@ def python_path(*first: Path) -> str:
     return os.pathsep.join([*map(str, first), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
-# 2 CPU processes (gloo); accelerate 1.15's `--cpu --num_processes 2` would start only one
-GLOO_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-GLOO_LAUNCH += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+def free_port() -> int:
+    """A port no other test run is using: parallel runs must not meet on accelerate's default 29500."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def gloo_launch() -> list[str]:
+    """`accelerate launch` of 2 CPU processes (gloo) on a port of their own; accelerate 1.15's
+    `--cpu --num_processes 2` would start only one."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    return launch + ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                     "--main_process_port", str(free_port())]  # fmt: skip
+
+
 GLOO_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
