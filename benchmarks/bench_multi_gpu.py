@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,13 @@ from common import REPO
 from l2l_peft.experiments.results import RESULTS, read_rows
 
 THROUGHPUT = re.compile(r"ran (\d+) tasks in ([\d.]+)s on (\d+) process")
+
+
+def free_port() -> int:
+    """A port of this launch's own: another distributed job (or test) may hold accelerate's default 29500."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def launch(processes: int, module: str, args: list[str], log: Path, cpu: bool) -> float:
@@ -49,7 +57,7 @@ def launch(processes: int, module: str, args: list[str], log: Path, cpu: bool) -
         "no" if cpu else "bf16",
         "--dynamo_backend",
         "no",
-        *(["--multi_gpu"] if processes > 1 else []),
+        *(["--multi_gpu", "--main_process_port", str(free_port())] if processes > 1 else []),
         "-m",
         module,
         *args,

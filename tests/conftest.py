@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import socket
 import sys
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest -n N: the workers (and their children) share the cores
+    _share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
 
 import numpy as np
 import pytest
@@ -174,7 +178,25 @@ def level_images(levels: np.ndarray, shape: tuple[int, ...], step: int, rng: np.
     return (spread * step + rng.integers(0, 40, (len(levels), *shape))).astype(np.uint8)
 
 
-# 2 CPU processes (gloo); accelerate 1.15's `--cpu --num_processes 2` would start only one
-GLOO_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-GLOO_LAUNCH += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+def python_path(*first: Path) -> str:
+    """PYTHONPATH for a child interpreter: `first`, then the inherited entries, where this interpreter may
+    find its own packages (the GPU machine's torchcross is in /tmp/site through PYTHONPATH)."""
+    return os.pathsep.join([*map(str, first), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+def free_port() -> int:
+    """A port no other test run is using: parallel runs must not meet on accelerate's default 29500."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def gloo_launch() -> list[str]:
+    """`accelerate launch` of 2 CPU processes (gloo) on a port of their own; accelerate 1.15's
+    `--cpu --num_processes 2` would start only one."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    return launch + ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                     "--main_process_port", str(free_port())]  # fmt: skip
+
+
 GLOO_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}

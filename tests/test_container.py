@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASSES, make_task, save_tiny_model, write_task
+from conftest import CLASSES, make_task, python_path, save_tiny_model, write_task
 
 from l2l_peft import api
 from l2l_peft.config import AdaptConfig, Precision
@@ -209,7 +209,7 @@ def _run(sandbox: dict[str, Path], name: str, *extra: str, env: dict[str, str] |
     out.mkdir()
     proxy = f"http://127.0.0.1:{_closed_port()}"
     environ = {
-        "PATH": os.environ["PATH"], "PYTHONPATH": str(sandbox["app"]), "PYTHONDONTWRITEBYTECODE": "1",
+        "PATH": os.environ["PATH"], "PYTHONPATH": python_path(sandbox["app"]), "PYTHONDONTWRITEBYTECODE": "1",
         "TMPDIR": str(tmp), "HF_HUB_OFFLINE": "1", "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "ALL_PROXY": proxy,
         "AUDIT_ALLOWED": os.pathsep.join([str(tmp), str(out)]), **(env or {}),
     }  # fmt: skip

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import socket
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import GLOO_ENV, GLOO_LAUNCH, level_images, make_task, save_npz_dataset, write_task
+from conftest import GLOO_ENV, gloo_launch, level_images, make_task, save_npz_dataset, write_task
 from torchcross.data.task import TaskTarget
 
 from l2l_peft.config import AdaptConfig, Method
@@ -190,19 +189,12 @@ def test_resume_skips_finished_rows(one_process_run, npz_dir, vit_dir, tmp_path)
     assert "lora minus each method, paired by task" in (out / "summary.md").read_text()
 
 
-def _free_port() -> int:
-    """A port no other test run is using: parallel runs must not meet on accelerate's default 29500."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_match_one(one_process_run, npz_dir, vit_dir, tmp_path):
     """accelerate launch with 2 CPU processes (gloo) gives the rows of 1 process, from both ranks."""
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(_config(npz_dir, vit_dir)))
     out = tmp_path / "two"
-    launch = [*GLOO_LAUNCH, "--main_process_port", str(_free_port()), "-m", "l2l_peft.experiments", str(config)]
+    launch = [*gloo_launch(), "-m", "l2l_peft.experiments", str(config)]
     launch += ["--output", str(out)]
     proc = subprocess.run(launch, cwd=REPO, env=GLOO_ENV, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]

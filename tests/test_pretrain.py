@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import GLOO_ENV, GLOO_LAUNCH, level_images, make_task, save_npz_dataset
+from conftest import GLOO_ENV, free_port, gloo_launch, level_images, make_task, python_path, save_npz_dataset
 from safetensors import safe_open
 
 from l2l_peft import adapt
@@ -142,7 +142,7 @@ def test_resume_continues_the_same_run(config_path, tmp_path):
 def test_two_process_launch(config_path, tmp_path):
     """DDP across 2 CPU processes (gloo) through accelerate launch; both must agree on the stop step."""
     out = tmp_path / "ddp"
-    command = [*GLOO_LAUNCH, "-m", "l2l_peft.pretrain", str(config_path), "--output", str(out), "--steps", "2"]
+    command = [*gloo_launch(), "-m", "l2l_peft.pretrain", str(config_path), "--output", str(out), "--steps", "2"]
     command += ["--cpu", "--log-level", "WARNING"]
     done = subprocess.run(command, env=GLOO_ENV, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -171,7 +171,9 @@ def test_leave_one_out_script_pretrains_without_each_dataset(data_dir, tmp_path)
     """scripts/pretrain_loo.sh: one run per dataset with that dataset excluded, plus the random init."""
     repo = Path(__file__).resolve().parent.parent
     shutil.copytree(repo / "configs", tmp_path / "configs")
-    env = {**os.environ, "PYTHONPATH": str(repo), "CUDA_VISIBLE_DEVICES": ""}
+    # the script's `python3` is this interpreter, as when run from its activated venv
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+    env = {**os.environ, "PATH": path, "PYTHONPATH": python_path(repo), "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
         ["bash", str(repo / "scripts" / "pretrain_loo.sh"), "0", str(data_dir)],
         cwd=tmp_path,
@@ -361,14 +363,9 @@ dist.destroy_process_group()
 
 def test_center_is_averaged_over_processes(tmp_path):
     """DDP: the center's update all-reduces the batch means, so every process keeps the same center."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     (tmp_path / "worker.py").write_text(CENTER_WORKER)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": python_path(Path(__file__).resolve().parent.parent), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}  # fmt: skip
     procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(tmp_path)], env={**env, "RANK": str(r)},
                               stderr=subprocess.PIPE, text=True) for r in range(2)]  # fmt: skip
     for proc in procs:
