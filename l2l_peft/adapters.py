@@ -29,7 +29,7 @@ _PRESETS = {
     LoraTargets.ATTN: {"q", "k", "v", "qkv", "o"},
     LoraTargets.ALL: {"q", "k", "v", "qkv", "o", "mlp"},
 }
-_BLOCK = re.compile(r"^(.*\.\d+)\.")
+BLOCK = re.compile(r"^(.*\.\d+)\.")  # a name inside a numbered block; group 1 is the block ("encoder.layer.3")
 _PEFT_METHODS = {Method.LORA, Method.DORA, Method.LOHA, Method.LOKR, Method.IA3, Method.VERA}
 VERA_RANK = 256  # VeRA shares frozen random projections, so it needs a far higher rank than LoRA (paper default)
 
@@ -52,16 +52,16 @@ def find_target_modules(
     preset = LoraTargets(preset)
     wanted = _PRESETS[preset]
     linear = [(name, _role(name)) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    chosen = [name for name, role in linear if role in wanted and _BLOCK.match(name)]
+    chosen = [name for name, role in linear if role in wanted and BLOCK.match(name)]
     if not chosen:
         raise ValueError(
             f"no {preset.value} projections found among the model's Linear layers "
             f"({', '.join(n for n, _ in linear[:6])}, ...); this architecture is not supported for adapters"
         )
     if last_blocks is not None:
-        blocks = list(dict.fromkeys(_BLOCK.match(n).group(1) for n in chosen))
+        blocks = list(dict.fromkeys(BLOCK.match(n).group(1) for n in chosen))
         keep = set(blocks[-last_blocks:])
-        chosen = [n for n in chosen if _BLOCK.match(n).group(1) in keep]
+        chosen = [n for n in chosen if BLOCK.match(n).group(1) in keep]
     return chosen
 
 

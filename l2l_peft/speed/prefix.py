@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager, contextmanager
 import torch
 from torch import nn
 
-from ..adapters import _BLOCK
+from ..adapters import BLOCK
 from ..augment import augment
 from ..backbone import FeatureExtractor
 from ..batches import SupportBatches
@@ -53,7 +53,7 @@ class _StandIn(nn.Module):
 def blocks(model: nn.Module) -> list[str]:
     """Names of the transformer blocks in execution order (innermost numbered modules holding Linear layers)."""
     found = [
-        m.group(1) for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and (m := _BLOCK.match(name))
+        m.group(1) for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and (m := BLOCK.match(name))
     ]
     names = list(dict.fromkeys(found))
     return [n for n in names if not any(other.startswith(n + ".") for other in names)]  # Swin: blocks, not stages
