@@ -74,6 +74,7 @@ def test_sources_drop_test_split_and_excluded(config_path):
     datasets = load_sources(load_config(config_path))
     assert [d.name for d in datasets] == ["gray_mc", "rgb_ml"]
     assert len(datasets[0]) == 20 and int(datasets[0].split.max()) == 0  # the 10 test rows are gone
+    assert len(datasets[1]) == 12 - 2 and int(datasets[1].split.max()) <= 1  # rgb_ml: its derived test part too
     assert [d.name for d in load_sources(load_config(config_path, exclude=["gray_mc"]))] == ["rgb_ml"]
     with pytest.raises(ValueError, match="unknown pretraining setting"):
         load_config(config_path, learning_rate=1.0)
