@@ -115,13 +115,21 @@ def pretrain_command(
 
 
 def pretrain_jobs(args: argparse.Namespace) -> list[Job]:
-    """The random init every arm starts from (same seed), and each arm once per fold without that fold."""
-    jobs = [Job("random", pretrain_command(REFERENCE, [], args.work / "pretrain" / "random", args, steps=0))]
-    for arm in args.arms:
-        for fold in folds(args):  # the whole fold held out, also where --datasets picks some of it
-            jobs.append(
-                Job(f"{arm}-{fold}", pretrain_command(arm, FOLDS[fold], args.work / "pretrain" / arm / fold, args))
-            )
+    """The random init every arm starts from (same seed), and each arm once per fold without that fold.
+
+    A backbone exported by an earlier run of the same --work is kept: its job is left out.
+    """
+    outputs = {"random": args.work / "pretrain" / "random"}
+    outputs |= {f"{arm}-{fold}": args.work / "pretrain" / arm / fold for arm in args.arms for fold in folds(args)}
+    jobs = []
+    for name, output in outputs.items():
+        if (output / "model.safetensors").is_file():
+            continue
+        arm, _, fold = name.partition("-")
+        if name == "random":
+            jobs.append(Job(name, pretrain_command(REFERENCE, [], output, args, steps=0)))
+        else:  # the whole fold held out, also where --datasets picks some of it
+            jobs.append(Job(name, pretrain_command(arm, FOLDS[fold], output, args)))
     return jobs
 
 
