@@ -211,12 +211,16 @@ def _empty_bytes() -> bytes:
 
 
 def _numpy_globals() -> dict[tuple[str, str], Any]:
-    from numpy.core import multiarray  # noqa: F401  (old pickles name numpy.core)
+    """Both spellings that pickles use (numpy 1 wrote numpy.core, numpy 2 writes numpy._core)."""
+    try:
+        from numpy._core.multiarray import scalar  # numpy >= 2; numpy.core warns from numpy 2.5 on
+    except ImportError:
+        from numpy.core.multiarray import scalar
 
     allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): _NdarrayClass, ("numpy", "dtype"): np.dtype}
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed[(module, "_reconstruct")] = _empty_array
-        allowed[(module, "scalar")] = np.core.multiarray.scalar
+        allowed[(module, "scalar")] = scalar
     for module in ("numpy.core.numeric", "numpy._core.numeric"):
         allowed[(module, "_frombuffer")] = _array_from_buffer
     return allowed
