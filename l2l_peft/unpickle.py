@@ -28,6 +28,11 @@ import numpy as np
 import torch
 from torchcross.data.task import TaskDescription, TaskTarget
 
+try:  # numpy >= 2 (numpy.core is deprecated and warns from numpy 2.5 on); pickles may name either module
+    from numpy._core import multiarray as _multiarray
+except ImportError:  # numpy 1.x
+    from numpy.core import multiarray as _multiarray
+
 MAX_TENSOR_DIMS = 8  # a task holds at most 4-D tensors (collated images)
 
 
@@ -171,7 +176,7 @@ def _empty_array(subtype: Any, shape: Any, typecode: Any) -> np.ndarray:
     """numpy's `_reconstruct` as array pickles call it: an empty array that BUILD fills (numpy checks the sizes)."""
     if subtype is not _NdarrayClass or shape != (0,):
         raise _refuse(f"task pickle builds a numpy array of shape {describe(shape)} before its data")
-    return np.core.multiarray._reconstruct(np.ndarray, (0,), typecode)
+    return _multiarray._reconstruct(np.ndarray, (0,), typecode)
 
 
 def _array_from_buffer(buf: Any, dtype: Any, shape: Any, order: Any, axis_order: Any = None) -> np.ndarray:
@@ -212,15 +217,10 @@ def _empty_bytes() -> bytes:
 
 def _numpy_globals() -> dict[tuple[str, str], Any]:
     """Both spellings that pickles use (numpy 1 wrote numpy.core, numpy 2 writes numpy._core)."""
-    try:
-        from numpy._core.multiarray import scalar  # numpy >= 2; numpy.core warns from numpy 2.5 on
-    except ImportError:
-        from numpy.core.multiarray import scalar
-
     allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): _NdarrayClass, ("numpy", "dtype"): np.dtype}
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed[(module, "_reconstruct")] = _empty_array
-        allowed[(module, "scalar")] = scalar
+        allowed[(module, "scalar")] = _multiarray.scalar
     for module in ("numpy.core.numeric", "numpy._core.numeric"):
         allowed[(module, "_frombuffer")] = _array_from_buffer
     return allowed
