@@ -25,6 +25,7 @@ def test_bench_task_images_pickle_on_their_own():
     assert len(pickle.dumps(task)) < 2 * raw
 
 
+@pytest.mark.timeout(360)  # above its subprocesses' own limits, so theirs report with output
 def test_bench_adapt_smoke_writes_every_row(tmp_path):
     proc = subprocess.run(
         [
@@ -51,6 +52,7 @@ def test_bench_adapt_smoke_writes_every_row(tmp_path):
     assert "adapt" in rows[-1]["note"] and "task read" in rows[-1]["note"]
 
 
+@pytest.mark.timeout(360)  # above its subprocesses' own limits, so theirs report with output
 def test_trace_ops_names_fp32_matmuls_and_their_caller(tmp_path):
     proc = subprocess.run(
         [
@@ -109,6 +111,7 @@ def test_slim_env_holds_the_dependency_closure_only(tmp_path):
     assert absent.returncode != 0 and "No module named 'pytest'" in absent.stderr  # the test extra is not linked
 
 
+@pytest.mark.timeout(460)  # above its subprocesses' own limits, so theirs report with output
 def test_bench_multi_gpu_smoke_compares_one_and_two_processes(tmp_path):
     """CPU smoke: experiments with 1 and 2 gloo processes give the same rows; both pretraining layouts log."""
     rng = np.random.default_rng(0)
@@ -150,6 +153,7 @@ def test_bench_multi_gpu_smoke_compares_one_and_two_processes(tmp_path):
     assert "| 2 GPUs x 4 | 8 |" in proc.stdout
 
 
+@pytest.mark.timeout(660)  # above its subprocesses' own limits, so theirs report with output
 def test_recipe_study_and_analysis_run_end_to_end(tmp_path, vit_dir):
     """The recipe study writes raw predictions that the analysis scores, paired by task (CPU, tiny model)."""
     data = tmp_path / "data"
