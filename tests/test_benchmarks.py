@@ -18,6 +18,15 @@ from common import make_task
 from conftest import level_images, save_npz_dataset
 
 
+def run_script(script: str, *args: str, timeout: int) -> subprocess.CompletedProcess:
+    """A benchmark script run from the repository root, as its docstring says; it must succeed."""
+    proc = subprocess.run(
+        [sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
 def test_bench_task_images_pickle_on_their_own():
     """A view pickles its whole parent tensor: 550 views of one tensor made the CLI rows 180 GB."""
     task = make_task(4, 4, 32)
@@ -27,23 +36,15 @@ def test_bench_task_images_pickle_on_their_own():
 
 @pytest.mark.timeout(360)  # above its subprocesses' own limits, so theirs report with output
 def test_bench_adapt_smoke_writes_every_row(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/bench_adapt.py",
-            "--smoke",
-            "--out",
-            str(tmp_path),
-            "--models",
-            str(tmp_path / "models"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    run_script(
+        "benchmarks/bench_adapt.py",
+        "--smoke",
+        "--out",
+        str(tmp_path),
+        "--models",
+        str(tmp_path / "models"),
         timeout=300,
-        check=False,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((tmp_path / "bench_adapt.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["smoke reference", "smoke default", "smoke prefix", "smoke cli"]
     assert rows[-1]["cli_s"] > 0 and all(r["adapt_s"] > 0 for r in rows[:-1])
@@ -54,26 +55,8 @@ def test_bench_adapt_smoke_writes_every_row(tmp_path):
 
 @pytest.mark.timeout(360)  # above its subprocesses' own limits, so theirs report with output
 def test_trace_ops_names_fp32_matmuls_and_their_caller(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/probes/trace_ops.py",
-            "--arch",
-            "tiny",
-            "--batch",
-            "8",
-            "--steps",
-            "2",
-            "--models",
-            str(tmp_path),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    args = ["--arch", "tiny", "--batch", "8", "--steps", "2", "--models", str(tmp_path)]
+    proc = run_script("benchmarks/probes/trace_ops.py", *args, timeout=300)
     assert "== graphs False:" in proc.stdout and "== graphs True:" in proc.stdout
     assert "fp32 mm (5, 8)float32 x (8, 64)float32 @ l2l_peft/head.py" in proc.stdout  # on the CPU every matmul is fp32
 
@@ -81,28 +64,12 @@ def test_trace_ops_names_fp32_matmuls_and_their_caller(tmp_path):
 @pytest.mark.parametrize("probe", ["attention_probe", "compile_probe", "profile_step"])
 def test_gpu_probes_start_from_the_repository_root(probe):
     """The probes import common.py (and each other) by bare name: each must find them from the root."""
-    proc = subprocess.run(
-        [sys.executable, f"benchmarks/probes/{probe}.py", "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+    assert "usage:" in run_script(f"benchmarks/probes/{probe}.py", "--help", timeout=120).stdout
 
 
 def test_slim_env_holds_the_dependency_closure_only(tmp_path):
     target = tmp_path / "slim"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/slim_env.py", str(target)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_script("benchmarks/slim_env.py", str(target), timeout=120)
     python = str(target / "bin" / "python")
     check = "import torch, transformers, peft, accelerate, torchcross, safetensors; import l2l_peft.cli"
     done = subprocess.run([python, "-c", check], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
@@ -125,23 +92,8 @@ def test_bench_multi_gpu_smoke_compares_one_and_two_processes(tmp_path):
         "multiclass",
         np.array([0] * 12 + [2] * 12),
     )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/bench_multi_gpu.py",
-            "--smoke",
-            "--data",
-            str(tmp_path / "data"),
-            "--out",
-            str(tmp_path / "out"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=400,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    args = ["--smoke", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
+    proc = run_script("benchmarks/bench_multi_gpu.py", *args, timeout=400)
     result = json.loads((tmp_path / "out" / "multi_gpu.json").read_text())
     one, two = result["experiments"]["1 GPU"], result["experiments"]["2 GPUs"]
     assert (
@@ -162,14 +114,11 @@ def test_recipe_study_and_analysis_run_end_to_end(tmp_path, vit_dir):
     labels = np.arange(40) % 2
     save_npz_dataset(data, "spots", level_images(labels, (12, 12), 120, rng), labels, "binary")
     out = tmp_path / "study"
-    study = [sys.executable, "benchmarks/recipe_study.py", "--data", str(data), "--datasets", "spots"]
-    study += ["--out", str(out), "--model", str(vit_dir), "--shots", "2", "--tasks", "2", "--query-per-class", "3"]
-    study += ["--recipes", "lora", "head"]
-    proc = subprocess.run(study, check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    analysis = [sys.executable, "benchmarks/recipe_analysis.py", str(out), "--only", "lora", "head", "prototypes"]
-    proc = subprocess.run(analysis, check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    study = ["--data", str(data), "--datasets", "spots", "--out", str(out), "--model", str(vit_dir)]
+    study += ["--shots", "2", "--tasks", "2", "--query-per-class", "3", "--recipes", "lora", "head"]
+    run_script("benchmarks/recipe_study.py", *study, timeout=300)
+    analysis = [str(out), "--only", "lora", "head", "prototypes"]
+    proc = run_script("benchmarks/recipe_analysis.py", *analysis, timeout=300)
     assert "2 tasks" in proc.stdout and "| head |" in proc.stdout and "| prototypes |" in proc.stdout
 
 
