@@ -118,20 +118,17 @@ def pretrain_command(
 def pretrain_jobs(args: argparse.Namespace) -> list[Job]:
     """The random init every arm starts from (same seed), and each arm once per fold without that fold.
 
-    A backbone exported by an earlier run of the same --work is kept: its job is left out.
+    A backbone exported by an earlier run of the same --work is kept: its job is left out. The whole
+    fold is held out, also where --datasets picks some of it.
     """
-    outputs = {"random": args.work / "pretrain" / "random"}
-    outputs |= {f"{arm}-{fold}": args.work / "pretrain" / arm / fold for arm in args.arms for fold in folds(args)}
-    jobs = []
-    for name, output in outputs.items():
-        if (output / "model.safetensors").is_file():
-            continue
-        arm, _, fold = name.partition("-")
-        if name == "random":
-            jobs.append(Job(name, pretrain_command(REFERENCE, [], output, args, steps=0)))
-        else:  # the whole fold held out, also where --datasets picks some of it
-            jobs.append(Job(name, pretrain_command(arm, FOLDS[fold], output, args)))
-    return jobs
+    root = args.work / "pretrain"
+    wanted = [("random", REFERENCE, [], root / "random", 0)]
+    wanted += [(f"{a}-{f}", a, FOLDS[f], root / a / f, None) for a in args.arms for f in folds(args)]
+    return [
+        Job(name, pretrain_command(arm, exclude, output, args, steps=steps))
+        for name, arm, exclude, output, steps in wanted
+        if not (output / "model.safetensors").is_file()
+    ]
 
 
 def folds(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -228,6 +225,17 @@ def runs(work: Path) -> list[str]:
     return lines
 
 
+def verdict(cells: dict[tuple[int, str | None], Aggregate]) -> dict:
+    """The issue's rule on one arm's paired differences {(shots, dataset or None for all): arm minus reference}."""
+    overall = [cells[(n, None)] for n in SHOTS]
+    per_dataset = {key: c for key, c in cells.items() if key[1] is not None}
+    worst = min((c.mean for c in per_dataset.values() if c.n), default=math.nan)
+    short = sorted(f"{d} {n}-shot: {c.n}" for (n, d), c in per_dataset.items() if 0 < c.n < MIN_TASKS)
+    ships = all(o.mean >= GAIN and o.low > 0 for o in overall) and worst >= WORST and not short
+    return {"overall": [o.mean for o in overall], "low": [o.low for o in overall], "worst_dataset": worst,
+            "too_few_tasks": short, "ships": ships}  # fmt: skip
+
+
 def analyse(work: Path, arms: list[str]) -> dict:
     table = scores(work)
     datasets = sorted({d for d, _, _ in table})
@@ -252,19 +260,16 @@ def analyse(work: Path, arms: list[str]) -> dict:
             "|---|---" + "|---" * len(SHOTS) + "|",
         ]
         for arm in others:
+            cells = {
+                (n, d): compare(table, f"{prefix}_{arm}", f"{prefix}_{REFERENCE}", n, d)
+                for d in [None, *datasets]
+                for n in SHOTS
+            }  # None: all datasets
             for dataset in [None, *datasets]:
-                cells = [compare(table, f"{prefix}_{arm}", f"{prefix}_{REFERENCE}", n, dataset) for n in SHOTS]
-                lines.append(f"| {arm} | {dataset or '**all**'} | " + " | ".join(c.format() for c in cells) + " |")
+                row = " | ".join(cells[(n, dataset)].format() for n in SHOTS)
+                lines.append(f"| {arm} | {dataset or '**all**'} | {row} |")
             if prefix == "adapt" and arm != "random":
-                overall = [compare(table, f"adapt_{arm}", f"adapt_{REFERENCE}", n) for n in SHOTS]
-                cells = {
-                    (n, d): compare(table, f"adapt_{arm}", f"adapt_{REFERENCE}", n, d) for n in SHOTS for d in datasets
-                }
-                worst = min((c.mean for c in cells.values() if c.n), default=math.nan)
-                short = sorted(f"{d} {n}-shot: {c.n}" for (n, d), c in cells.items() if 0 < c.n < MIN_TASKS)
-                wins = all(o.mean >= GAIN and o.low > 0 for o in overall) and worst >= WORST and not short
-                decision[arm] = {"overall": [o.mean for o in overall], "low": [o.low for o in overall],
-                                 "worst_dataset": worst, "too_few_tasks": short, "ships": wins}  # fmt: skip
+                decision[arm] = verdict(cells)
     lines += ["", "## Pretrained minus random init (probe: frozen features), paired by task", ""]
     lines += ["| arm | " + " | ".join(f"{p} {n}-shot" for p in ("adapt", "probe") for n in SHOTS) + " |"]
     lines += ["|---" * (2 * len(SHOTS) + 1) + "|"]

@@ -72,11 +72,11 @@ def derived_split(labels: np.ndarray, groups: np.ndarray) -> torch.Tensor:
     stratum = labels if labels.ndim == 1 else np.zeros(len(labels), dtype=np.int64)
     split = np.zeros(len(labels), dtype=np.int8)
     for value in np.unique(stratum):
-        names = sorted({str(g) for g in groups[stratum == value]}, key=lambda g: hashlib.sha256(g.encode()).digest())
+        rows = np.flatnonzero(stratum == value)
+        names = sorted({str(g) for g in groups[rows]}, key=lambda g: hashlib.sha256(g.encode()).digest())
         n_test = max(1, round(test_frac * len(names))) if len(names) > 1 else 0
         n_val = round(val_frac * len(names))
         part = {g: 2 if i < n_test else 1 if i < n_test + n_val else 0 for i, g in enumerate(names)}
-        rows = np.flatnonzero(stratum == value)
         split[rows] = [part[str(g)] for g in groups[rows]]
     return torch.from_numpy(split)
 
