@@ -90,3 +90,23 @@ def test_a_frozen_feature_method_joins_an_ensemble(vit_dir):
     head, prototypes = (run(data, method=m, **common).probabilities for m in ("head", "prototypes"))
     assert both.methods == "head+prototypes" and not torch.allclose(head, prototypes)
     torch.testing.assert_close(both.probabilities, (head + prototypes) / 2)
+
+
+def test_probe_solves_apart_and_writes_back_in_place():
+    """The probe solves on a float32 CPU copy (GPU syncs made it slow) and writes the optimum into the head it was
+    given: same parameter objects and dtype, gradient of the regularised loss ~0 at the written weights."""
+    from l2l_peft.frozen import fit_linear_probe
+    from l2l_peft.head import Head
+    from l2l_peft.targets import Softmax
+
+    torch.manual_seed(0)
+    with torch.inference_mode():  # support features come from inference mode
+        support = torch.randn(24, 16)
+    labels = torch.arange(24) % 3
+    head = Head(16, 3).double()
+    weight = head.linear.weight
+    fit_linear_probe(head, Softmax(3), support, labels, l2=1e-2, max_iter=200)
+    assert head.linear.weight is weight and weight.dtype == torch.float64 and weight.abs().sum() > 0
+    loss = Softmax(3).loss(head(support.double()), labels) + 1e-2 * head.linear.weight.square().sum()
+    gradient = torch.autograd.grad(loss, [head.linear.weight, head.linear.bias])
+    assert max(g.abs().max().item() for g in gradient) < 1e-3
