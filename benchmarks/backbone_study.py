@@ -3,8 +3,9 @@
 Held out by fold of datasets, so that one GPU session holds the whole study: every arm (a pretraining
 config: supervised heads, DINO, both) is pretrained once per fold WITHOUT that fold's datasets, all runs
 at once on the GPU, with equal steps and batch. Then each dataset's test tasks are adapted on the fold
-backbone that never saw the dataset, with the default adapt() and a linear probe, and on the random init
-all arms start from. Paired by task, every arm is compared with the supervised arm (the current recipe);
+backbone that never saw the dataset, with the default adapt() and a linear probe, on the random init
+all arms start from and, where its model card says it never saw the dataset, on today's default backbone
+(what a user gets now). Paired by task, every arm is compared with the supervised arm (the current recipe);
 `--ship` then pretrains each arm that passes the issue's rule on every dataset (same recipe) and exports
 it. Folds keep the two BCCD datasets (one source) together.
 
@@ -31,6 +32,8 @@ from pathlib import Path
 import common  # noqa: F401  (the checkout's l2l_peft first on sys.path)
 import yaml
 
+from l2l_peft.cache import REPO_CACHE, resolve_model
+from l2l_peft.demo import pretraining_datasets
 from l2l_peft.experiments.results import Aggregate, bootstrap, read_rows
 
 FOLDS = {
@@ -45,6 +48,7 @@ ARMS = {
     "both_small": "configs/pretrain/vit_small_both.yaml",  # size (item 4); its random reference is still the tiny init
 }
 REFERENCE = "supervised"
+SHIPPED = "shipped"  # today's default backbone (hf_cache), evaluated on the datasets its card says it never saw
 SHOTS = [5, 10]
 # the issue's rule for shipping: overall gain >= GAIN at every shot count with the CI above zero,
 # no dataset's mean worse by more than WORST, and at least MIN_TASKS tasks in every evaluated cell
@@ -147,7 +151,11 @@ def experiment_config(dataset: str, fold: str, arms: list[str], args: argparse.N
     methods = []
     for kind, prefix in (("adapt", "adapt"), ("linear_probe", "probe")):
         for arm in arms:
-            model = pretrained / ("random" if arm == "random" else f"{arm}/{fold}")
+            model = (
+                shipped_model()[0]
+                if arm == SHIPPED
+                else pretrained / ("random" if arm == "random" else f"{arm}/{fold}")
+            )
             methods.append({"name": f"{prefix}_{arm}", "kind": kind, "params": {"model": str(model)}})
     return {
         "precision": "auto",
@@ -158,6 +166,21 @@ def experiment_config(dataset: str, fold: str, arms: list[str], args: argparse.N
         },
         "methods": methods,
     }  # fmt: skip
+
+
+def shipped_model() -> tuple[Path, list[str] | None]:
+    """Today's default backbone and the datasets it was pretrained on (its card's Data table; None: unknown)."""
+    location = Path(resolve_model(None, str(REPO_CACHE)).location)
+    return location, pretraining_datasets(location)
+
+
+def references(arm: str, dataset: str) -> list[str]:
+    """The arms one evaluation job adapts: the reference job also runs the random init and, where it never saw
+    the dataset, today's default (what a user gets now on unseen data)."""
+    if arm != REFERENCE:
+        return [arm]
+    seen = shipped_model()[1]
+    return [arm, "random"] + ([SHIPPED] if seen is not None and dataset not in seen else [])
 
 
 def evaluation_jobs(args: argparse.Namespace) -> list[Job]:
@@ -171,7 +194,7 @@ def evaluation_jobs(args: argparse.Namespace) -> list[Job]:
     for fold, datasets in folds(args).items():
         for dataset in datasets:
             for arm in args.arms:
-                arms = [arm, "random"] if arm == REFERENCE else [arm]
+                arms = references(arm, dataset)
                 out = args.work / "eval" / dataset / arm
                 out.mkdir(parents=True, exist_ok=True)
                 (out / "experiment.yaml").write_text(
@@ -246,14 +269,16 @@ def analyse(work: Path, arms: list[str]) -> dict:
         "| variant | " + " | ".join(f"{n}-shot" for n in SHOTS) + " |",
     ]
     lines += ["|---" * (len(SHOTS) + 1) + "|"]
-    variants = [f"{p}_{a}" for p in ("adapt", "probe") for a in [*arms, "random"]]
+    present = {variant for s in table.values() for variant in s}
+    baselines = [b for b in ("random", SHIPPED) if f"adapt_{b}" in present]
+    variants = [f"{p}_{a}" for p in ("adapt", "probe") for a in [*arms, *baselines]]
     for v in variants:
         cells = [bootstrap([s[v] for (_, _, n), s in table.items() if n == shots and v in s], resamples=RESAMPLES)
                  for shots in SHOTS]  # fmt: skip
         lines.append(f"| {v} | " + " | ".join(c.format() for c in cells) + " |")
     decision = {}
     for prefix in ("adapt", "probe"):
-        others = [a for a in [*arms, "random"] if a != REFERENCE]
+        others = [a for a in [*arms, *baselines] if a != REFERENCE]
         lines += ["", f"## {prefix}: arm minus {prefix}_{REFERENCE}, paired by task (positive: the arm is better)", ""]
         lines += [
             "| arm | dataset | " + " | ".join(f"{n}-shot" for n in SHOTS) + " |",
@@ -268,14 +293,19 @@ def analyse(work: Path, arms: list[str]) -> dict:
             for dataset in [None, *datasets]:
                 row = " | ".join(cells[(n, dataset)].format() for n in SHOTS)
                 lines.append(f"| {arm} | {dataset or '**all**'} | {row} |")
-            if prefix == "adapt" and arm != "random":
+            if prefix == "adapt" and arm not in baselines:
                 decision[arm] = verdict(cells)
-    lines += ["", "## Pretrained minus random init (probe: frozen features), paired by task", ""]
-    lines += ["| arm | " + " | ".join(f"{p} {n}-shot" for p in ("adapt", "probe") for n in SHOTS) + " |"]
-    lines += ["|---" * (2 * len(SHOTS) + 1) + "|"]
-    for arm in arms:
-        cells = [compare(table, f"{p}_{arm}", f"{p}_random", n) for p in ("adapt", "probe") for n in SHOTS]
-        lines.append(f"| {arm} | " + " | ".join(c.format() for c in cells) + " |")
+    shipped = [SHIPPED] if SHIPPED in baselines else []
+    pairs = [(arm, "random") for arm in [*arms, *shipped]] + [(arm, SHIPPED) for arm in arms if shipped]
+    lines += [
+        "",
+        "## Minus a baseline, paired by task (probe: frozen features; today's default: datasets it never saw)",
+    ]
+    lines += ["", "| arm | baseline | " + " | ".join(f"{p} {n}-shot" for p in ("adapt", "probe") for n in SHOTS) + " |"]
+    lines += ["|---|---" + "|---" * (2 * len(SHOTS)) + "|"]
+    for arm, baseline in pairs:
+        cells = [compare(table, f"{p}_{arm}", f"{p}_{baseline}", n) for p in ("adapt", "probe") for n in SHOTS]
+        lines.append(f"| {arm} | {baseline} | " + " | ".join(c.format() for c in cells) + " |")
     rule = f"ships if every shot count gains >= {GAIN}, CI low > 0, no dataset < {WORST}, >= {MIN_TASKS} tasks a cell"
     lines += ["", f"## Decision ({rule})", "", "```", json.dumps(decision, indent=1), "```", ""]
     lines += ["## Pretraining runs (all at once on one GPU)", "", *runs(work), ""]

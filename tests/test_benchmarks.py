@@ -161,18 +161,31 @@ def test_backbone_study_ships_only_a_clear_winner_with_no_dataset_much_worse(tmp
 
     arms = ["supervised", "ssl", "both"]
     zero = {f"{p}_{a}": 0.0 for p in ("adapt", "probe") for a in [*arms, "random"]}
-    _study_rows(tmp_path / "eval" / "d1", "d1", zero | {"adapt_both": 0.08, "adapt_ssl": 0.10})
+    shipped = {"adapt_shipped": -0.2, "probe_shipped": 0.0}  # today's default: only where it never saw the data
+    _study_rows(tmp_path / "eval" / "d1", "d1", zero | shipped | {"adapt_both": 0.08, "adapt_ssl": 0.10})
     _study_rows(tmp_path / "eval" / "d2", "d2", zero | {"adapt_both": 0.02, "adapt_ssl": -0.05})
     decision = backbone_study.analyse(tmp_path, arms)
     assert decision["both"]["ships"] and decision["both"]["overall"] == pytest.approx([0.05, 0.05])
     assert not decision["ssl"]["ships"] and decision["ssl"]["worst_dataset"] == pytest.approx(-0.05)
-    assert "| both | **all** | 0.050 [" in (tmp_path / "study.md").read_text()
+    assert set(decision) == {"ssl", "both"}  # baselines are never shipped
+    study = (tmp_path / "study.md").read_text()
+    assert "| both | **all** | 0.050 [" in study
+    assert "| shipped | random | -0.200 [" in study and "| both | shipped | 0.280 [" in study  # paired on d1 only
     _study_rows(tmp_path / "eval" / "d3", "d3", zero | {"adapt_both": -0.03})  # mean gain 0.023 < 0.03
     assert not backbone_study.analyse(tmp_path, arms)["both"]["ships"]
     few = tmp_path / "few"
     _study_rows(few / "eval" / "d1", "d1", zero | {"adapt_both": 0.08}, n_tasks=3)  # a clear gain, too few tasks
     assert backbone_study.analyse(few, arms)["both"]["too_few_tasks"] == ["d1 10-shot: 3", "d1 5-shot: 3"]
     assert not backbone_study.analyse(few, arms)["both"]["ships"]
+
+
+def test_backbone_study_runs_todays_default_only_where_it_never_saw_the_data():
+    """The reference job adds the shipped backbone on datasets missing from its card's Data table."""
+    from backbone_study import references
+
+    assert references("supervised", "pbc_blood_cells") == ["supervised", "random", "shipped"]  # not in its card
+    assert references("supervised", "brain_tumor_mri") == ["supervised", "random"]  # pretrained on it
+    assert references("both", "pbc_blood_cells") == ["both"]
 
 
 def test_backbone_study_jobs_wait_for_their_backbones_and_skip_after_a_failure(tmp_path):
