@@ -1,13 +1,14 @@
 """Backbone objective study (issue #16): pretraining objectives compared on datasets held out of pretraining.
 
 Held out by fold of datasets, so that one GPU session holds the whole study: every arm (a pretraining
-config: supervised heads, DINO, both) is pretrained once per fold WITHOUT that fold's datasets, all runs
-at once on the GPU, with equal steps and batch. Then each dataset's test tasks are adapted on the fold
-backbone that never saw the dataset, with the default adapt() and a linear probe, on the random init
-all arms start from and, where its model card says it never saw the dataset, on today's default backbone
-(what a user gets now). Paired by task, every arm is compared with the supervised arm (the current recipe);
-`--ship` then pretrains each arm that passes the issue's rule on every dataset (same recipe) and exports
-it. Folds keep the two BCCD datasets (one source) together.
+config: supervised heads, DINO, both, both on ViT-small, both after a first stage on generated images)
+is pretrained once per fold WITHOUT that fold's datasets, all runs at once on the GPU, with equal steps
+and batch. Then each dataset's test tasks are adapted on the fold backbone that never saw the dataset,
+with the default adapt() and a linear probe, on the random init all arms start from and, where its
+model card says it never saw the dataset, on today's default backbone (what a user gets now). Paired
+by task, every arm is compared with the supervised arm (the current recipe); `--ship` then pretrains
+each arm that passes the issue's rule on every dataset (same recipe) and exports it. Folds keep the
+two BCCD datasets (one source) together.
 
     python benchmarks/backbone_study.py --data /tmp/data --work /tmp/study --ship       # GPU, ~20 min
     python benchmarks/backbone_study.py --work results/backbone_study --analyse-only    # CPU: tables again
@@ -46,7 +47,11 @@ ARMS = {
     "ssl": "configs/pretrain/vit_tiny_ssl.yaml",
     "both": "configs/pretrain/vit_tiny_both.yaml",
     "both_small": "configs/pretrain/vit_small_both.yaml",  # size (item 4); its random reference is still the tiny init
+    "proc_both": "configs/pretrain/vit_tiny_both.yaml",  # item 3: the same, continued from STAGE_ONE's backbone
 }
+# pre-pretraining (item 3): the arm's first stage, on images made by formula. It sees no real image, so one run
+# serves every fold; its extra steps (--stage-one-steps) are compute the other arms do not get.
+STAGE_ONE = {"proc_both": "configs/pretrain/vit_tiny_procedural.yaml"}
 REFERENCE = "supervised"
 SHIPPED = "shipped"  # today's default backbone (hf_cache), evaluated on the datasets its card says it never saw
 SHOTS = [5, 10]
@@ -96,23 +101,31 @@ def run_jobs(jobs: list[Job], logs: Path, parallel: int) -> dict[str, int]:
     return codes
 
 
-def arm_config(arm: str, args: argparse.Namespace) -> Path:
-    """The arm's config with this study's batch, warm-up and crops (equal across arms)."""
-    config = yaml.safe_load(Path(ARMS[arm]).read_text())
+def arm_config(arm: str, args: argparse.Namespace, stage_one: bool = False) -> Path:
+    """The arm's config (or its first stage's) with this study's batch, warm-up and crops (equal across arms)."""
+    config = yaml.safe_load(Path(STAGE_ONE[arm] if stage_one else ARMS[arm]).read_text())
     config.update(batch_size=args.batch, warmup_steps=args.warmup, checkpoint_every=args.steps, log_every=25)
     if "local_crops" in config:
         config["local_crops"] = args.local_crops
-    path = args.work / "configs" / f"{arm}.yaml"
+    if arm in STAGE_ONE and not stage_one:
+        config["init_from"] = str(stage_one_dir(arm, args).resolve())
+    path = args.work / "configs" / f"{arm}{'-stage1' if stage_one else ''}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
+def stage_one_dir(arm: str, args: argparse.Namespace) -> Path:
+    return args.work / "pretrain" / arm / "stage1"
+
+
 def pretrain_command(
-    arm: str, exclude: list[str], output: Path, args: argparse.Namespace, steps: int | None = None
-) -> list[str]:
+    arm: str, exclude: list[str], output: Path, args: argparse.Namespace, steps: int | None = None,
+    stage_one: bool = False,
+) -> list[str]:  # fmt: skip
+    config = arm_config(arm, args, stage_one)
     return [
-        sys.executable, "-m", "l2l_peft.pretrain", str(arm_config(arm, args)), "--npz-dir", str(args.data),
+        sys.executable, "-m", "l2l_peft.pretrain", str(config), "--npz-dir", str(args.data),
         "--exclude", *exclude, "--steps", str(args.steps if steps is None else steps),
         "--max-minutes", str(args.max_minutes),
         "--output", str(output), "--no-resume", "--log-level", "WARNING",
@@ -123,16 +136,20 @@ def pretrain_jobs(args: argparse.Namespace) -> list[Job]:
     """The random init every arm starts from (same seed), and each arm once per fold without that fold.
 
     A backbone exported by an earlier run of the same --work is kept: its job is left out. The whole
-    fold is held out, also where --datasets picks some of it.
+    fold is held out, also where --datasets picks some of it. An arm with a first stage (STAGE_ONE) runs it
+    once, on generated images, and its fold runs wait for it.
     """
     root = args.work / "pretrain"
-    wanted = [("random", REFERENCE, [], root / "random", 0)]
-    wanted += [(f"{a}-{f}", a, FOLDS[f], root / a / f, None) for a in args.arms for f in folds(args)]
-    return [
-        Job(name, pretrain_command(arm, exclude, output, args, steps=steps))
-        for name, arm, exclude, output, steps in wanted
-        if not (output / "model.safetensors").is_file()
-    ]
+    wanted = [(Job("random", pretrain_command(REFERENCE, [], root / "random", args, steps=0)), root / "random")]
+    for arm in args.arms:
+        first = [f"{arm}-stage1"] if arm in STAGE_ONE else []
+        if first:
+            command = pretrain_command(arm, [], stage_one_dir(arm, args), args, args.stage_one_steps, stage_one=True)
+            wanted.append((Job(first[0], command), stage_one_dir(arm, args)))
+        for fold in folds(args):
+            command = pretrain_command(arm, FOLDS[fold], root / arm / fold, args)
+            wanted.append((Job(f"{arm}-{fold}", command, after=first), root / arm / fold))
+    return [job for job, output in wanted if not (output / "model.safetensors").is_file()]
 
 
 def folds(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -340,6 +357,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256, help="pretraining images per step, every arm")
     parser.add_argument("--warmup", type=int, default=100, help="warm-up steps")
     parser.add_argument("--local-crops", type=int, default=4, help="DINO's small crops per image")
+    parser.add_argument(
+        "--stage-one-steps", type=int, default=400, help="pre-pretraining steps of the arms in STAGE_ONE (procedural)"
+    )
     parser.add_argument(
         "--max-minutes", type=float, default=12.0, help="guard per pretraining run (compresses the schedule)"
     )

@@ -188,6 +188,35 @@ def test_backbone_study_runs_todays_default_only_where_it_never_saw_the_data():
     assert references("both", "pbc_blood_cells") == ["both"]
 
 
+def test_backbone_study_pre_pretraining_runs_its_first_stage_once_before_every_fold(tmp_path):
+    """proc_both: one stage-1 job on generated images, then a fold run per fold that waits for it and starts
+    from its backbone with the recipe of `both`."""
+    import argparse
+
+    import yaml
+    from backbone_study import FOLDS, pretrain_jobs
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({d: {} for ds in FOLDS.values() for d in ds}))
+    args = argparse.Namespace(
+        work=tmp_path / "work", data=data, arms=["both", "proc_both"], datasets=None, steps=800, batch=256,
+        warmup=100, local_crops=4, max_minutes=12.0, stage_one_steps=400,
+    )  # fmt: skip
+    jobs = {job.name: job for job in pretrain_jobs(args)}
+    assert set(jobs) == {"random", "proc_both-stage1", *(f"{a}-{f}" for a in ("both", "proc_both") for f in FOLDS)}
+    stage_one = jobs["proc_both-stage1"].command
+    assert stage_one[stage_one.index("--steps") + 1] == "400" and not jobs["proc_both-stage1"].after
+    assert yaml.safe_load(Path(stage_one[3]).read_text())["sources"][0]["kind"] == "procedural"
+    for fold in FOLDS:
+        assert jobs[f"proc_both-{fold}"].after == ["proc_both-stage1"] and not jobs[f"both-{fold}"].after
+        config = yaml.safe_load(Path(jobs[f"proc_both-{fold}"].command[3]).read_text())
+        assert config["init_from"] == str((args.work / "pretrain" / "proc_both" / "stage1").resolve())
+        assert config["objective"] == "both" and "init_from" not in yaml.safe_load(
+            Path(jobs[f"both-{fold}"].command[3]).read_text()
+        )
+
+
 def test_backbone_study_jobs_wait_for_their_backbones_and_skip_after_a_failure(tmp_path):
     """Evaluation starts only after its pretraining ended well; a failed backbone skips its evaluations."""
     from backbone_study import Job, run_jobs

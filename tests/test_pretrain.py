@@ -383,3 +383,24 @@ PRETRAIN_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs" / 
 def test_pretrain_configs_are_valid(path):
     """The GPU runs' configs pass validation (a typo would surface only on the device); headers name them."""
     assert load_config(path).sources and f"-m l2l_peft.pretrain configs/pretrain/{path.name}" in path.read_text()
+
+
+def test_two_stages_generated_images_then_real_data(data_dir, tmp_path):
+    """Stage 1 trains on generated images only; stage 2 starts from its backbone (0 steps: the same weights)."""
+    common = {"image_size": 32, "patch_size": 8, "vit_overrides": TINY_VIT, "batch_size": 8, "warmup_steps": 1}
+    first = tmp_path / "stage1.yaml"
+    first.write_text(yaml.safe_dump({
+        **common, "sources": [{"kind": "procedural", "images": 40, "size": 16}], "steps": 3, "objective": "both",
+        "local_crops": 2, "local_crop_size": 16, "ssl_out_dim": 64, "ssl_hidden_dim": 32, "ssl_bottleneck_dim": 16,
+    }))  # fmt: skip
+    assert main([str(first), "--output", str(tmp_path / "one"), "--cpu", "--log-level", "WARNING"]) == 0
+    assert "| dead_leaves | procedural |" in (tmp_path / "one" / "README.md").read_text()
+    second = tmp_path / "stage2.yaml"
+    second.write_text(yaml.safe_dump({
+        **common, "sources": [{"kind": "npz", "path": str(data_dir)}], "init_from": str(tmp_path / "one"),
+    }))  # fmt: skip
+    assert (
+        main([str(second), "--output", str(tmp_path / "two"), "--steps", "0", "--cpu", "--log-level", "WARNING"]) == 0
+    )
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)

@@ -4,6 +4,7 @@ Each `suite.sources` entry names a loader by `kind`; its other keys are the load
   npz       path, include, exclude, targets   (the development-data layout, data/datasets.py)
   folder    csv, task, name, classes, targets (images + `path,label` CSV)
   medimeta  path, datasets, tasks             (MedIMeta via the optional `medimeta` package)
+  procedural  generator, images, size, seed   (images made by formula, data/procedural.py: pretraining)
 A dataset's targets are `native` (its own labels) and `binary:CLASS` (CLASS vs the rest), so one
 dataset can give several task families; MedIMeta datasets bring their own named tasks.
 """
@@ -20,6 +21,7 @@ import torch
 from torchcross.data.task import TaskTarget
 
 from .datasets import LabelledDataset, load_image_folder, load_npz_dir
+from .procedural import dead_leaves
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +136,19 @@ def medimeta_source(
     return out
 
 
-LOADERS = {"npz": npz_source, "folder": folder_source, "medimeta": medimeta_source}
+GENERATORS = {"dead_leaves": dead_leaves}
+
+
+def procedural_source(
+    generator: str = "dead_leaves", images: int = 10000, size: int = 64, seed: int = 0
+) -> list[Target]:
+    """Generated images labelled by their generating style, for pre-pretraining without real data."""
+    if generator not in GENERATORS:
+        raise ValueError(f"procedural generator must be one of {sorted(GENERATORS)}, got {generator!r}")
+    return views(GENERATORS[generator](images, size=size, seed=seed), None)
+
+
+LOADERS = {"npz": npz_source, "folder": folder_source, "medimeta": medimeta_source, "procedural": procedural_source}
 
 
 def load_targets(entry: dict[str, Any], split: str | None) -> list[Target]:

@@ -46,7 +46,7 @@ class PretrainConfig:
     sources: list[dict[str, Any]] = _help(
         "data sources in the experiments' suite format: {kind: npz, path: DIR}"
         " | {kind: folder, csv: PATH, task: T, name: N} | {kind: medimeta, path: DIR, datasets: [...], tasks: {...}}"
-        " (MedIMeta is skipped when absent)",
+        " (MedIMeta is skipped when absent) | {kind: procedural, generator: dead_leaves, images: N, size: PX}",
         default_factory=list,
     )
     include: list[str] | None = _help("dataset names to use (None: all found)", default=None)
