@@ -17,10 +17,10 @@ import yaml
 from conftest import GLOO_ENV, gloo_launch, level_images, make_task, save_npz_dataset, write_task
 from torchcross.data.task import TaskTarget
 
-from l2l_peft.config import AdaptConfig, Method
+from l2l_peft.config import AdaptConfig, Method, make_config
 from l2l_peft.data.sampling import sample_task
 from l2l_peft.data.sources import medimeta_source
-from l2l_peft.experiments.config import SuiteConfig, parse_config
+from l2l_peft.experiments.config import SuiteConfig, load_config, parse_config
 from l2l_peft.experiments.methods import Kind, MethodSpec, build_variants, expand
 from l2l_peft.experiments.metrics import task_metrics
 from l2l_peft.experiments.results import RESULTS, bootstrap, paired_differences, read_rows
@@ -75,7 +75,7 @@ def _config(npz_dir: Path, vit_dir: Path) -> dict:
             ],
         },
         "methods": [
-            {"name": "lora"},
+            {"name": "lora", "params": {"method": "lora"}},
             {"name": "probe", "kind": "linear_probe"},
             {"name": "prototypes", "kind": "prototypes"},
         ],
@@ -298,6 +298,31 @@ def test_methods_grid_and_seed_recipe():
     assert seed.kind is Kind.SEED_RECIPE
     with pytest.raises(ValueError, match="unknown AdaptConfig field"):
         build_variants([MethodSpec("bad", params={"lora_rnak": 4})], base)
+
+
+def test_a_method_named_like_an_adaptation_method_must_run_it():
+    """`{name: lora}` alone runs the default recipe (lora+full): refused, not a results file labelled lora."""
+    base = AdaptConfig()
+    with pytest.raises(ValueError, match="named like the adaptation method 'lora' but runs 'lora\\+full'"):
+        build_variants([MethodSpec("lora")], base)
+    with pytest.raises(ValueError, match="named like the adaptation method 'head'"):
+        build_variants([MethodSpec("head", grid={"lr_head": [1e-3]})], base)  # grid points too
+    variants = build_variants(
+        [MethodSpec("lora", params={"method": "lora"}), MethodSpec("default"), MethodSpec("lora+full")], base
+    )
+    assert [v.config(base, seed=0).method for v in variants] == ["lora", "lora+full", "lora+full"]
+    assert build_variants([MethodSpec("lora")], make_config(base, method="lora"))  # the YAML's defaults say lora
+
+
+EXPERIMENT_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs" / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENT_CONFIGS, ids=lambda p: p.stem)
+def test_experiment_configs_build_their_variants(path):
+    """Every shipped experiment config parses and each variant's AdaptConfig is valid and honestly named."""
+    config = load_config(path)
+    base = make_config(AdaptConfig(precision=config.precision), **config.defaults)
+    assert build_variants(config.methods, base)
 
 
 def test_bootstrap_interval_and_config_errors():

@@ -8,7 +8,7 @@
       sources:
         - {kind: npz, path: ../shared/data}
     methods:
-      - {name: lora}                       # kind adapt, AdaptConfig defaults
+      - {name: default}                    # kind adapt, AdaptConfig defaults (the default recipe)
       - {name: head, params: {method: head}}
       - {name: probe, kind: linear_probe, grid: {l2: [1.0e-4, 1.0e-2]}}
 
@@ -65,7 +65,9 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         if not self.methods:
-            raise ValueError("methods is empty: list at least one method, e.g. `- {name: lora}`")
+            raise ValueError(
+                "methods is empty: list at least one method, e.g. `- {name: default}` (the default recipe)"
+            )
         names = [m.name for m in self.methods]
         if len(set(names)) != len(names):
             raise ValueError(f"method names must be unique, got {names}")

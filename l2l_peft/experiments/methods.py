@@ -114,11 +114,24 @@ def expand(spec: MethodSpec) -> list[Variant]:
 
 
 def build_variants(specs: list[MethodSpec], base: AdaptConfig) -> list[Variant]:
-    """Expand every method and check its configs now, not hours into a run."""
+    """Expand every method and check its configs now, not hours into a run.
+
+    A method named like an adaptation method must run that method: `{name: lora}` alone would run the
+    default recipe (an ensemble) under the label `lora`, results mislabelled for good.
+    """
     variants = [v for spec in specs for v in expand(spec)]
     for variant in variants:
         try:
-            variant.config(base, seed=0)
+            config = variant.config(base, seed=0)
         except (TypeError, ValueError) as err:
             raise ValueError(f"method {variant.name!r}: {err}") from err
+        try:
+            named = make_config(config, method=variant.method).method
+        except ValueError:
+            continue  # the name is no method: a free label
+        if named != config.method:
+            raise ValueError(
+                f"method {variant.name!r} is named like the adaptation method {named!r} but runs {config.method!r}; "
+                f"set `params: {{method: {named}}}` or give it another name"
+            )
     return variants
