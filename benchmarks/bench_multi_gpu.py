@@ -85,7 +85,7 @@ def experiments(out: Path, data: Path, tasks: int, repeat: bool, smoke: bool) ->
             "split": "test",
             "sources": [{"kind": "npz", "path": str(data), "exclude": ["lc25000_lung_histo"]}],
         },
-        "methods": [{"name": "lora", **({"params": {"max_steps": 2, "min_steps": 1}} if smoke else {})}],
+        "methods": [{"name": "default", **({"params": {"max_steps": 2, "min_steps": 1}} if smoke else {})}],
     }
     path = out / "experiments.yaml"
     path.write_text(yaml.safe_dump(config))
