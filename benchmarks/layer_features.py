@@ -34,7 +34,6 @@ from l2l_peft.head import Head
 from l2l_peft.targets import build_objective
 
 RESAMPLES = 2000
-PRIMARY = "4+8+last"  # the one comparison declared before the run; the other sets are exploratory
 
 
 @torch.no_grad()
@@ -54,14 +53,17 @@ def normed_blocks(extractor: FeatureExtractor, images: torch.Tensor) -> torch.Te
     return F.layer_norm(blocks, blocks.shape[-1:])
 
 
-def layer_sets(depth: int) -> dict[str, list[int]]:
-    """Named sets of block indices into layer_blocks (index `depth` is the product's last-layer feature)."""
+def layer_sets(depth: int) -> tuple[str, dict[str, list[int]]]:
+    """The primary set's name and named sets of block indices into layer_blocks (index `depth` is the product's
+    last-layer feature). Primary, declared before the first run: the layers at a third and two thirds of the
+    depth plus the last (4+8+last for 12 layers); the other sets are exploratory."""
     third = max(1, depth // 3)
+    primary = f"{third}+{2 * third}+last"
     sets = {"last": [depth]}
     sets |= {f"L{k}": [k - 1] for k in range(third, depth, third)}
-    sets |= {PRIMARY: [third - 1, 2 * third - 1, depth], "8+last": [2 * third - 1, depth]}
+    sets |= {primary: [third - 1, 2 * third - 1, depth], f"{2 * third}+last": [2 * third - 1, depth]}
     sets |= {"all": list(range(depth + 1))}
-    return sets
+    return primary, sets
 
 
 def probe_auroc(data, query_labels, support: torch.Tensor, query: torch.Tensor, l2: float) -> float:
@@ -81,6 +83,7 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", help="default: every dataset the model card does not list")
     parser.add_argument("--shots", nargs="+", type=int, default=[5, 10])
     parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--query-per-class", type=int, default=15)
     parser.add_argument("--l2", type=float, default=1e-3, help="the probe's L2 weight (AdaptConfig.probe_l2)")
     args = parser.parse_args()
 
@@ -92,10 +95,10 @@ def main() -> None:
         raise SystemExit(f"{source.name}: no dataset it never saw (card lists {seen}); pass --datasets")
     suite = Suite(SuiteConfig(
         sources=[{"kind": "npz", "path": str(args.data), "include": datasets}],
-        shots=args.shots, tasks=args.tasks, query_per_class=15, split="test", seed=0,
+        shots=args.shots, tasks=args.tasks, query_per_class=args.query_per_class, split="test", seed=0,
     ))  # fmt: skip
     extractor = load_backbone(source.location).eval()
-    sets = layer_sets(int(extractor.model.config.num_hidden_layers))
+    primary, sets = layer_sets(int(extractor.model.config.num_hidden_layers))
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     start = time.monotonic()
@@ -114,7 +117,7 @@ def main() -> None:
         return bootstrap(values, resamples=RESAMPLES).format()
 
     header = (
-        f"Primary (declared before the run): {PRIMARY} minus last. Datasets: {', '.join(datasets)}. Probe L2 "
+        f"Primary (declared before the run): {primary} minus last. Datasets: {', '.join(datasets)}. Probe L2 "
         f"{args.l2}; tasks per dataset and shot count: {args.tasks}; `{' '.join(sys.argv)}`."
     )
     lines = [f"# Probe AUROC by feature layers: {source.name} on {len(datasets)} datasets it never saw", "", header]

@@ -122,6 +122,26 @@ def test_recipe_study_and_analysis_run_end_to_end(tmp_path, vit_dir):
     assert "2 tasks" in proc.stdout and "| head |" in proc.stdout and "| prototypes |" in proc.stdout
 
 
+def test_layer_features_pairs_every_layer_set_with_the_last_layer(tmp_path, vit_dir):
+    """Probes on each layer set of a tiny ViT, per task of a test split, tabled against the last layer."""
+    data = tmp_path / "data"
+    data.mkdir()
+    labels = np.arange(60) % 2
+    split = np.array([0, 0, 2] * 20)
+    save_npz_dataset(
+        data, "spots", level_images(labels, (12, 12), 120, np.random.default_rng(0)), labels, "binary", split
+    )
+    out = tmp_path / "layers"
+    args = ["--data", str(data), "--datasets", "spots", "--model", str(vit_dir), "--out", str(out)]
+    run_script(
+        "benchmarks/layer_features.py", *args, "--shots", "2", "--tasks", "2", "--query-per-class", "3", timeout=300
+    )
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and set(rows[0]["auroc"]) == {"last", "L1", "1+2+last", "2+last", "all"}
+    table = (out / "layers.md").read_text()
+    assert "Primary (declared before the run): 1+2+last minus last" in table and "| last | " in table
+
+
 def test_transductive_refinement_ignores_query_order_and_labels():
     """The studied transductive rule sees support labels only, and a query image's output does not depend on order."""
     import torch
