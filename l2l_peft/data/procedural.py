@@ -1,11 +1,12 @@
 """Images made by formula for pre-pretraining (issue #16 item 3): the dead-leaves model.
 
 Dead leaves (Matheron; used for pretraining by Baradad et al. 2021) stacks opaque shapes of random
-colour, position, orientation and power-law size, later ones on top: occlusion, edges at every
+colour, position, orientation and log-uniform size, later ones on top: occlusion, edges at every
 scale and flat regions, without a single real image. Each image draws its leaves from one of six
 styles (disc, square or ellipse, each fine or coarse), and the style is its label, so a supervised
-objective has something visual to learn beside self-distillation. Generated once at the native
-sizes of the development data (28-96 px); pretraining augments and resizes them like real images.
+objective has something visual to learn beside self-distillation. Generated once, at a size like
+the development data's native ones (28-96 px; default 64); pretraining augments and resizes them
+like real images.
 """
 
 from __future__ import annotations
