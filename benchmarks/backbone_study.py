@@ -28,6 +28,7 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import common  # noqa: F401  (the checkout's l2l_peft first on sys.path)
@@ -162,18 +163,21 @@ def folds(args: argparse.Namespace) -> dict[str, list[str]]:
     return {f: ds for f, ds in chosen.items() if ds}
 
 
-def experiment_config(dataset: str, fold: str, arms: list[str], args: argparse.Namespace) -> dict:
-    """Default adapt() and linear probe on the fold backbones of `arms` (and the random init if named)."""
+def backbone_dir(arm: str, fold: str, args: argparse.Namespace) -> Path:
+    """The backbone an evaluation of `arm` loads: today's default, the random init or the arm's fold run."""
+    if arm == SHIPPED:
+        return shipped_model()[0]
     pretrained = args.work.resolve() / "pretrain"
-    methods = []
-    for kind, prefix in (("adapt", "adapt"), ("linear_probe", "probe")):
-        for arm in arms:
-            model = (
-                shipped_model()[0]
-                if arm == SHIPPED
-                else pretrained / ("random" if arm == "random" else f"{arm}/{fold}")
-            )
-            methods.append({"name": f"{prefix}_{arm}", "kind": kind, "params": {"model": str(model)}})
+    return pretrained / "random" if arm == "random" else pretrained / arm / fold
+
+
+def experiment_config(dataset: str, fold: str, arms: list[str], args: argparse.Namespace) -> dict:
+    """Default adapt() and linear probe on the backbones of `arms` (fold runs, random init, today's default)."""
+    methods = [
+        {"name": f"{prefix}_{arm}", "kind": kind, "params": {"model": str(backbone_dir(arm, fold, args))}}
+        for kind, prefix in (("adapt", "adapt"), ("linear_probe", "probe"))
+        for arm in arms
+    ]
     return {
         "precision": "auto",
         "bootstrap": 200,
@@ -185,8 +189,10 @@ def experiment_config(dataset: str, fold: str, arms: list[str], args: argparse.N
     }  # fmt: skip
 
 
+@cache
 def shipped_model() -> tuple[Path, list[str] | None]:
-    """Today's default backbone and the datasets it was pretrained on (its card's Data table; None: unknown)."""
+    """Today's default backbone and the datasets it was pretrained on (its card's Data table; None: unknown),
+    read once (every evaluation job asks)."""
     location = Path(resolve_model(None, str(REPO_CACHE)).location)
     return location, pretraining_datasets(location)
 

@@ -31,7 +31,7 @@ from l2l_peft.experiments.results import bootstrap
 from l2l_peft.experiments.suites import Suite
 from l2l_peft.frozen import fit_linear_probe
 from l2l_peft.head import Head
-from l2l_peft.targets import build_objective
+from l2l_peft.targets import Objective, build_objective
 
 RESAMPLES = 2000
 
@@ -66,8 +66,9 @@ def layer_sets(depth: int) -> tuple[str, dict[str, list[int]]]:
     return primary, sets
 
 
-def probe_auroc(data, query_labels, support: torch.Tensor, query: torch.Tensor, l2: float) -> float:
-    objective = build_objective(data.target, data.classes, data.support_labels)
+def probe_auroc(
+    objective: Objective, data, query_labels, support: torch.Tensor, query: torch.Tensor, l2: float
+) -> float:
     head = Head(support.shape[1], objective.n_logits)
     fit_linear_probe(head, objective, support, data.support_labels, l2=l2, max_iter=200)
     with torch.no_grad():
@@ -105,8 +106,11 @@ def main() -> None:
     for n, spec in enumerate(suite.specs, 1):
         data, query_labels = suite.build(spec)
         support, query = (normed_blocks(extractor, images) for images in (data.support_images, data.query_images))
-        scores = {name: probe_auroc(data, query_labels, support[:, idx].flatten(1), query[:, idx].flatten(1), args.l2)
-                  for name, idx in sets.items()}  # fmt: skip
+        objective = build_objective(data.target, data.classes, data.support_labels)
+        scores = {
+            name: probe_auroc(objective, data, query_labels, support[:, i].flatten(1), query[:, i].flatten(1), args.l2)
+            for name, i in sets.items()
+        }
         rows.append({"task": spec.key, "dataset": spec.dataset, "shots": spec.shots, "auroc": scores})
         print(f"[{n}/{len(suite.specs)} {time.monotonic() - start:.0f}s] {spec.key} "
               + " ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)  # fmt: skip

@@ -1,7 +1,7 @@
 """Pretraining data: every source decoded once into uint8 tensors on the device, sampled in balance.
 
 Sources are the experiments' (l2l_peft.data.sources: npz folder, CSV image folder,
-MedIMeta), so one YAML vocabulary names data for both. Test rows (split == 2; MedIMeta: the
+MedIMeta, generated images), so one YAML vocabulary names data for both. Test rows (split == 2; MedIMeta: the
 train split only) are dropped here, so a dataset's evaluation split never reaches pretraining.
 """
 
