@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from l2l_peft.backbone import FeatureExtractor, load_backbone
 from l2l_peft.cache import REPO_CACHE, resolve_model
+from l2l_peft.config import AdaptConfig
 from l2l_peft.demo import pretraining_datasets
 from l2l_peft.experiments.config import SuiteConfig
 from l2l_peft.experiments.metrics import task_metrics
@@ -34,6 +35,7 @@ from l2l_peft.head import Head
 from l2l_peft.targets import Objective, build_objective
 
 RESAMPLES = 2000
+PROBE = AdaptConfig()  # the linear-probe method's defaults: L2 weight and LBFGS iterations
 
 
 @torch.no_grad()
@@ -70,7 +72,7 @@ def probe_auroc(
     objective: Objective, data, query_labels, support: torch.Tensor, query: torch.Tensor, l2: float
 ) -> float:
     head = Head(support.shape[1], objective.n_logits)
-    fit_linear_probe(head, objective, support, data.support_labels, l2=l2, max_iter=200)
+    fit_linear_probe(head, objective, support, data.support_labels, l2=l2, max_iter=PROBE.probe_max_iter)
     with torch.no_grad():
         probs = objective.probabilities(head(query))
     return task_metrics(data.target, probs, query_labels)["auroc"]
@@ -85,7 +87,7 @@ def main() -> None:
     parser.add_argument("--shots", nargs="+", type=int, default=[5, 10])
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--query-per-class", type=int, default=15)
-    parser.add_argument("--l2", type=float, default=1e-3, help="the probe's L2 weight (AdaptConfig.probe_l2)")
+    parser.add_argument("--l2", type=float, default=PROBE.probe_l2, help="the probe's L2 weight (AdaptConfig.probe_l2)")
     args = parser.parse_args()
 
     source = resolve_model(args.model, str(REPO_CACHE))
