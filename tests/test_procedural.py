@@ -25,6 +25,12 @@ def test_the_style_is_visible_fine_leaves_make_more_regions():
     assert colours[fine].mean() > 1.5 * colours[~fine].mean()
 
 
+def test_dead_leaves_refuse_empty_or_tiny_requests():
+    for args in ({"n": 0}, {"n": 4, "size": 2}, {"n": 4, "leaves": 0}):
+        with pytest.raises(ValueError, match="dead_leaves needs n >= 1, size >= 4 and leaves >= 1"):
+            dead_leaves(**args)
+
+
 def test_procedural_source_validates_its_generator():
     (target,) = load_targets({"kind": "procedural", "images": 12, "size": 16}, split="train")
     assert target.dataset == "dead_leaves" and len(target.data) == 12
