@@ -68,10 +68,12 @@ class Job:
     name: str
     command: list[str]
     after: list[str] = field(default_factory=list)  # jobs that must have ended well first
+    after_start: list[str] = field(default_factory=list)  # jobs that must have started (or been skipped) first
 
 
 def run_jobs(jobs: list[Job], logs: Path, parallel: int) -> dict[str, int]:
-    """Run each job once its `after` jobs exited 0, at most `parallel` at once; their exit codes.
+    """Run each job once its `after` jobs exited 0 and its `after_start` jobs left the queue, at most `parallel`
+    at once; their exit codes.
 
     A job whose prerequisite failed is skipped (code -1). Each child gets its share of the CPU
     cores as its thread count: 12 evaluation processes with torch's default (every core each)
@@ -86,11 +88,12 @@ def run_jobs(jobs: list[Job], logs: Path, parallel: int) -> dict[str, int]:
     while pending or running:
         for job in list(pending):
             after = [name for name in job.after if name in listed]  # the others ended in an earlier run
+            queued = {other.name for other in pending}
             if any(codes.get(name, 0) != 0 for name in after):
                 pending.remove(job)
                 codes[job.name] = -1
                 print(f"{time.strftime('%H:%M:%S')} {job.name}: skipped (a prerequisite failed)", flush=True)
-            elif len(running) < parallel and all(name in codes for name in after):
+            elif len(running) < parallel and all(name in codes for name in after) and not queued & {*job.after_start}:
                 pending.remove(job)
                 with open(logs / f"{job.name}.log", "w") as log:  # the child keeps its own copy
                     running[job.name] = subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -206,12 +209,15 @@ def references(arm: str, dataset: str) -> list[str]:
     return [arm, "random"] + ([SHIPPED] if seen is not None and dataset not in seen else [])
 
 
-def evaluation_jobs(args: argparse.Namespace) -> list[Job]:
-    """One job per dataset and arm, started as soon as that arm's fold backbone exists.
+def evaluation_jobs(args: argparse.Namespace, staged: list[str]) -> list[Job]:
+    """One job per dataset and arm, started as soon as that arm's fold backbone exists and every
+    pretraining run of a second stage (`staged`) is on the GPU.
 
     The supervised arm (with the random init) starts while the slower self-supervised arms still
-    train. Tasks derive from the suite seed and their identity, so every job samples the same
-    tasks and the rows pair by task across jobs.
+    train. A second-stage run that started after twelve evaluations ran out of GPU memory (third
+    device run: 15 GB each for six DINO runs plus 4-5 GB for each evaluation), so none starts before
+    them. Tasks derive from the suite seed and their identity, so every job samples the same tasks
+    and the rows pair by task across jobs.
     """
     jobs = []
     for fold, datasets in folds(args).items():
@@ -232,7 +238,7 @@ def evaluation_jobs(args: argparse.Namespace) -> list[Job]:
                     str(out),
                 ]
                 after = [f"{arm}-{fold}"] + (["random"] if "random" in arms else [])
-                jobs.append(Job(f"eval-{dataset}-{arm}", command, after))
+                jobs.append(Job(f"eval-{dataset}-{arm}", command, after, after_start=staged))
     return jobs
 
 
@@ -271,12 +277,18 @@ def runs(work: Path) -> list[str]:
     return lines
 
 
-def verdict(cells: dict[tuple[int, str | None], Aggregate]) -> dict:
-    """The issue's rule on one arm's paired differences {(shots, dataset or None for all): arm minus reference}."""
+def verdict(cells: dict[tuple[int, str | None], Aggregate], evaluated: set[tuple[int, str]]) -> dict:
+    """The issue's rule on one arm's paired differences {(shots, dataset or None for all): arm minus reference}.
+
+    `evaluated`: the (shots, dataset) cells the reference has tasks in; an arm with fewer there (none:
+    its backbone failed) cannot ship on the others alone.
+    """
     overall = [cells[(n, None)] for n in SHOTS]
     per_dataset = {key: c for key, c in cells.items() if key[1] is not None}
     worst = min((c.mean for c in per_dataset.values() if c.n), default=math.nan)
-    short = sorted(f"{d} {n}-shot: {c.n}" for (n, d), c in per_dataset.items() if 0 < c.n < MIN_TASKS)
+    short = sorted(
+        f"{d} {n}-shot: {c.n}" for (n, d), c in per_dataset.items() if (n, d) in evaluated and c.n < MIN_TASKS
+    )
     ships = all(o.mean >= GAIN and o.low > 0 for o in overall) and worst >= WORST and not short
     return {"overall": [o.mean for o in overall], "low": [o.low for o in overall], "worst_dataset": worst,
             "too_few_tasks": short, "ships": ships}  # fmt: skip
@@ -300,6 +312,7 @@ def analyse(work: Path, arms: list[str]) -> dict:
                  for shots in SHOTS]  # fmt: skip
         lines.append(f"| {v} | " + " | ".join(c.format() for c in cells) + " |")
     decision = {}
+    evaluated = {(n, d) for (d, _, n), s in table.items() if f"adapt_{REFERENCE}" in s}
     for prefix in ("adapt", "probe"):
         others = [a for a in [*arms, *baselines] if a != REFERENCE]
         lines += ["", f"## {prefix}: arm minus {prefix}_{REFERENCE}, paired by task (positive: the arm is better)", ""]
@@ -317,7 +330,7 @@ def analyse(work: Path, arms: list[str]) -> dict:
                 row = " | ".join(cells[(n, dataset)].format() for n in SHOTS)
                 lines.append(f"| {arm} | {dataset or '**all**'} | {row} |")
             if prefix == "adapt" and arm not in baselines:
-                decision[arm] = verdict(cells)
+                decision[arm] = verdict(cells, evaluated)
     shipped = [SHIPPED] if SHIPPED in baselines else []
     pairs = [(arm, "random") for arm in [*arms, *shipped]] + [(arm, SHIPPED) for arm in arms if shipped]
     lines += [
@@ -370,14 +383,15 @@ def main() -> None:
         "--max-minutes", type=float, default=12.0, help="guard per pretraining run (compresses the schedule)"
     )
     parser.add_argument("--tasks", type=int, default=8, help="tasks per dataset and shot count")
-    parser.add_argument("--jobs", type=int, default=12, help="evaluation processes at once")
+    parser.add_argument("--jobs", type=int, default=6, help="evaluation processes at once (4-5 GB of GPU memory each)")
     parser.add_argument("--ship", action="store_true", help="pretrain the winning arms on every dataset")
     parser.add_argument("--analyse-only", action="store_true", help="only rebuild study.md from eval/")
     args = parser.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     if not args.analyse_only:
         pretraining = pretrain_jobs(args)
-        codes = run_jobs(pretraining + evaluation_jobs(args), args.work / "logs", parallel=len(pretraining) + args.jobs)
+        evaluations = evaluation_jobs(args, staged=[job.name for job in pretraining if job.after])
+        codes = run_jobs(pretraining + evaluations, args.work / "logs", parallel=len(pretraining) + args.jobs)
         if any(codes.values()):
             raise SystemExit(f"failed: { {k: v for k, v in codes.items() if v} } (logs in {args.work / 'logs'})")
     decision = analyse(args.work, args.arms)

@@ -197,6 +197,11 @@ def test_backbone_study_ships_only_a_clear_winner_with_no_dataset_much_worse(tmp
     _study_rows(few / "eval" / "d1", "d1", zero | {"adapt_both": 0.08}, n_tasks=3)  # a clear gain, too few tasks
     assert backbone_study.analyse(few, arms)["both"]["too_few_tasks"] == ["d1 10-shot: 3", "d1 5-shot: 3"]
     assert not backbone_study.analyse(few, arms)["both"]["ships"]
+    missing = tmp_path / "missing"  # a clear gain where the arm ran; on d2 its backbone failed (no rows)
+    _study_rows(missing / "eval" / "d1", "d1", zero | {"adapt_both": 0.08})
+    _study_rows(missing / "eval" / "d2", "d2", {k: v for k, v in zero.items() if not k.endswith("_both")})
+    verdict = backbone_study.analyse(missing, arms)["both"]
+    assert verdict["too_few_tasks"] == ["d2 10-shot: 0", "d2 5-shot: 0"] and not verdict["ships"]
 
 
 def test_backbone_study_runs_todays_default_only_where_it_never_saw_the_data():
@@ -238,7 +243,8 @@ def test_backbone_study_pre_pretraining_runs_its_first_stage_once_before_every_f
 
 
 def test_backbone_study_jobs_wait_for_their_backbones_and_skip_after_a_failure(tmp_path):
-    """Evaluation starts only after its pretraining ended well; a failed backbone skips its evaluations."""
+    """Evaluation starts only after its pretraining ended well (and once second stages started); a failed backbone
+    skips its evaluations."""
     from backbone_study import Job, run_jobs
 
     def touch(name: str, code: int = 0) -> list[str]:
@@ -249,13 +255,18 @@ def test_backbone_study_jobs_wait_for_their_backbones_and_skip_after_a_failure(t
         ]
 
     check = f"import pathlib, sys; sys.exit(0 if pathlib.Path(r'{tmp_path}/good').exists() else 3)"
+    started = f"import pathlib, sys; sys.exit(0 if pathlib.Path(r'{tmp_path}/logs/second-stage.log').exists() else 4)"
     jobs = [
         Job("good", touch("good")),
         Job("bad", touch("bad", code=1)),
         Job("eval-good", [sys.executable, "-c", check], after=["good"]),
         Job("eval-bad", touch("eval-bad"), after=["bad"]),
         Job("eval-earlier", touch("eval-earlier"), after=["made-by-an-earlier-run"]),
+        Job("second-stage", touch("second-stage"), after=["good"]),
+        # starts only once the second stage has (its log exists), without waiting for it to end
+        Job("eval-beside", [sys.executable, "-c", started], after_start=["second-stage"]),
     ]
-    codes = run_jobs(jobs, tmp_path / "logs", parallel=5)
-    assert codes == {"good": 0, "bad": 1, "eval-good": 0, "eval-bad": -1, "eval-earlier": 0}
+    codes = run_jobs(jobs, tmp_path / "logs", parallel=7)
+    assert codes == {"good": 0, "bad": 1, "eval-good": 0, "eval-bad": -1, "eval-earlier": 0, "second-stage": 0,
+                     "eval-beside": 0}  # fmt: skip
     assert not (tmp_path / "eval-bad").exists() and (tmp_path / "logs" / "eval-good.log").is_file()
