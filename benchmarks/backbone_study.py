@@ -1,7 +1,8 @@
 """Backbone objective study (issue #16): pretraining objectives compared on datasets held out of pretraining.
 
 Held out by fold of datasets, so that one GPU session holds the whole study: every arm (a pretraining
-config: supervised heads, DINO, both, both on ViT-small, both after a first stage on generated images)
+config: supervised heads, DINO, both, both on ViT-small, both after a first stage on generated images, both
+with a low-resolution first phase)
 is pretrained once per fold WITHOUT that fold's datasets, all runs at once on the GPU, with equal steps
 and batch. Then each dataset's test tasks are adapted on the fold backbone that never saw the dataset,
 with the default adapt() and a linear probe, on the random init all arms start from and, where its
@@ -49,7 +50,12 @@ ARMS = {
     "both": "configs/pretrain/vit_tiny_both.yaml",
     "both_small": "configs/pretrain/vit_small_both.yaml",  # size (item 4); its random reference is still the tiny init
     "proc_both": "configs/pretrain/vit_tiny_both.yaml",  # item 3: the same, continued from STAGE_ONE's backbone
+    "both_lowres": "configs/pretrain/vit_tiny_both.yaml",  # the same, with LOW_RES's cheaper first phase
 }
+# settings an arm changes in its config: both_lowres sees 112-px views (49 patches, not 196) for the first 3/4 of
+# its schedule; at equal steps it costs about 0.44 of `both` (0.75 x ~1/4 + 0.25), so if it is no worse, a
+# shipped run gets about twice the steps for the same GPU time
+ARM_SETTINGS = {"both_lowres": {"low_res_size": 112, "low_res_fraction": 0.75}}
 # pre-pretraining (item 3): the arm's first stage, on images made by formula. It sees no real image, so one run
 # serves every fold; its extra steps (--stage-one-steps) are compute the other arms do not get.
 STAGE_ONE = {"proc_both": "configs/pretrain/vit_tiny_procedural.yaml"}
@@ -109,6 +115,8 @@ def arm_config(arm: str, args: argparse.Namespace, stage_one: bool = False) -> P
     """The arm's config (or its first stage's) with this study's batch, warm-up and crops (equal across arms)."""
     config = yaml.safe_load(Path(STAGE_ONE[arm] if stage_one else ARMS[arm]).read_text())
     config.update(batch_size=args.batch, warmup_steps=args.warmup, checkpoint_every=args.steps, log_every=25)
+    if not stage_one:
+        config.update(ARM_SETTINGS.get(arm, {}))
     if "local_crops" in config:
         config["local_crops"] = args.local_crops
     if arm in STAGE_ONE and not stage_one:

@@ -240,6 +240,22 @@ def test_backbone_study_pre_pretraining_runs_its_first_stage_once_before_every_f
         assert config["objective"] == "both" and "init_from" not in yaml.safe_load(
             Path(jobs[f"both-{fold}"].command[3]).read_text()
         )
+        assert "low_res_size" not in config
+
+
+def test_backbone_study_low_resolution_arm_is_both_with_a_cheaper_first_phase(tmp_path):
+    """both_lowres: the recipe of `both` with 112-px views for the first 3/4 of the schedule; `both` keeps 224."""
+    import argparse
+
+    import yaml
+    from backbone_study import arm_config
+
+    from l2l_peft.pretrain.config import load_config
+
+    args = argparse.Namespace(work=tmp_path, batch=256, warmup=100, local_crops=4, steps=800)
+    low, full = (yaml.safe_load(arm_config(arm, args).read_text()) for arm in ("both_lowres", "both"))
+    assert {k: v for k, v in low.items() if full.get(k) != v} == {"low_res_size": 112, "low_res_fraction": 0.75}
+    assert load_config(arm_config("both_lowres", args)).low_res_size == 112  # a valid PretrainConfig
 
 
 def test_backbone_study_jobs_wait_for_their_backbones_and_skip_after_a_failure(tmp_path):

@@ -267,6 +267,46 @@ def test_multi_crop_views(config_path):
     assert local is None and torch.equal(images, torch.cat([StrongAugment(32)(x, generator) for x in batches]))
 
 
+@pytest.mark.parametrize(
+    "changes", [{"low_res_size": 12}, {"low_res_size": 32}, {"low_res_size": 0}, {"low_res_fraction": 0}]
+)
+def test_low_resolution_settings_are_validated(config_path, changes):
+    """low_res_size: a multiple of the patch (8) below image_size (32); the fraction in (0, 1]."""
+    with pytest.raises(ValueError, match=f"PretrainConfig.{next(iter(changes))} "):
+        load_config(config_path, **changes)
+
+
+def test_low_resolution_views_keep_the_local_to_global_ratio(config_path):
+    """At half the side, global views are 16 px and local crops 8 (16 at full size): one patch, not upsampled."""
+    config = load_config(config_path, objective="ssl", **SSL)
+    batches = [torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)]
+    images, local = MultiCrop.for_config(config, 16)(batches, torch.Generator().manual_seed(0))
+    assert images.shape == (2 * 3, 3, 16, 16) and local.shape == (2 * 3, 3, 8, 8)
+
+
+def test_low_resolution_phase_then_full_size(config_path, tmp_path, monkeypatch):
+    """The first low_res_fraction of the steps feeds student and teacher views at low_res_size (position embeddings
+    interpolated, no upsampling), the rest at image_size; the export is the usual image_size backbone."""
+    from l2l_peft.pretrain import model as pretrain_model
+    from l2l_peft.pretrain import ssl as pretrain_ssl
+
+    sides, original = [], pretrain_model.view_features
+
+    def recording(extractor, views):
+        sides.append(views.shape[-1])
+        return original(extractor, views)
+
+    monkeypatch.setattr(pretrain_model, "view_features", recording)  # the student
+    monkeypatch.setattr(pretrain_ssl, "view_features", recording)  # the teacher
+    path = _variant(config_path, tmp_path, objective="both", low_res_size=16, low_res_fraction=0.5, **SSL)
+    out = tmp_path / "run"
+    assert main([str(path), "--output", str(out), "--cpu", "--log-level", "WARNING"]) == 0
+    assert sides == [16, 16, 16, 16, 32, 32, 32, 32]  # steps 0-1 (progress < 0.5): student, teacher; then 32
+    assert json.loads((out / "config.json").read_text())["image_size"] == 32
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in log)
+
+
 def test_dino_teacher_is_an_ema_without_gradients(config_path):
     """The student fits the teacher's targets on a fixed batch; the teacher gets no gradients and moves by EMA only."""
     config = load_config(config_path, objective="ssl", **SSL)

@@ -93,11 +93,17 @@ class MultiCrop:
         return views, torch.cat([self.local_view(x, generator) for _ in range(self.n_local) for x in batches])
 
     @classmethod
-    def for_config(cls, config: PretrainConfig) -> MultiCrop:
-        """Supervised: one view at crop_scale. ssl/both: two global views + `local_crops` small ones."""
+    def for_config(cls, config: PretrainConfig, size: int | None = None) -> MultiCrop:
+        """Supervised: one view at crop_scale. ssl/both: two global views + `local_crops` small ones.
+
+        `size`: the global views' side (default image_size); local crops keep their ratio to it.
+        """
         strong = partial(StrongAugment, max_rotation=config.max_rotation, vflip=config.vflip, jitter=config.jitter,
                          grayscale=config.grayscale)  # fmt: skip
+        size = size or config.image_size
         if not config.objective.ssl:
-            return cls(strong(config.image_size, config.crop_scale))
-        local = strong(config.local_crop_size, config.local_crop_scale)
-        return cls(strong(config.image_size, config.global_crop_scale), local, n_global=2, n_local=config.local_crops)
+            return cls(strong(size, config.crop_scale))
+        patch = config.patch_size
+        local_size = max(patch, round(config.local_crop_size * size / config.image_size / patch) * patch)
+        local = strong(local_size, config.local_crop_scale)
+        return cls(strong(size, config.global_crop_scale), local, n_global=2, n_local=config.local_crops)

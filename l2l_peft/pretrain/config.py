@@ -58,6 +58,16 @@ class PretrainConfig:
     )
     cache_dir: str | None = _help("HF cache for init_from (default: the repository's hf_cache/)", default=None)
     image_size: int = _help("model input side (the challenge form is 224)", default=224)
+    low_res_size: int | None = _help(
+        "side of the views in the first low_res_fraction of the schedule, a multiple of patch_size below image_size "
+        "(position embeddings interpolated; local crops shrink in proportion): 112 feeds a ViT/16 49 patches "
+        "instead of 196. None: image_size throughout",
+        default=None,
+    )
+    low_res_fraction: float = _help(
+        "part of the schedule (its progress, as the learning rate's) trained at low_res_size; the rest at image_size",
+        default=0.75,
+    )
     patch_size: int = _help("ViT patch side", default=16)
     vit_overrides: dict[str, Any] = _help("extra ViTConfig fields (tests use tiny widths)", default_factory=dict)
     # optimisation
@@ -153,6 +163,14 @@ class PretrainConfig:
                 raise ValueError(f"PretrainConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"PretrainConfig.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale!r}")
+        low = self.low_res_size
+        if low is not None and (low < self.patch_size or low % self.patch_size or low >= self.image_size):
+            raise ValueError(
+                f"PretrainConfig.low_res_size must be a multiple of patch_size ({self.patch_size}) below image_size "
+                f"({self.image_size}) or null, got {low!r}"
+            )
+        if not 0 < self.low_res_fraction <= 1:
+            raise ValueError(f"PretrainConfig.low_res_fraction must be in (0, 1], got {self.low_res_fraction!r}")
         if self.save_dtype not in ("bf16", "fp32"):
             raise ValueError(f"PretrainConfig.save_dtype must be bf16 or fp32, got {self.save_dtype!r}")
         self._validate_ssl()

@@ -6,6 +6,8 @@ objective, so a small dataset counts as much as a large one; with a self-supervi
 (ssl.py) the DINO loss on multi-crop views of the same images replaces it or is added to it.
 The learning rate follows warm-up and a cosine over progress = max(step / steps, seconds / budget),
 so a time-limited run still anneals; progress and checkpoints survive restarts (`accelerator.save_state`).
+With low_res_size, the views of the first low_res_fraction of that progress are smaller (fewer patches per
+image, the same schedule), the rest at the model's size, as adapt() feeds it.
 """
 
 from __future__ import annotations
@@ -122,6 +124,7 @@ def pretrain(
     if teacher is not None:
         accelerator.register_for_checkpointing(teacher)  # the teacher and its center resume with the run
     views = MultiCrop.for_config(config)
+    low_res_views = MultiCrop.for_config(config, config.low_res_size) if config.low_res_size else None
 
     names = [s.name for s in sampler.sources]
     progress = Progress(datasets=names, objective=config.objective.value)
@@ -153,7 +156,8 @@ def pretrain(
         for group in optimizer.param_groups:
             group["lr"] = config.lr * lr_factor(step, fraction, config)
         generator, batches = sampler.draw(step)
-        images, local_crops = views([x for x, _ in batches], generator)
+        crops = low_res_views if low_res_views and fraction < config.low_res_fraction else views
+        images, local_crops = crops([x for x, _ in batches], generator)
         with accelerator.autocast(), training_kernels():
             logits, projections = model(images, counts, local_crops)
             targets = None if teacher is None else teacher(images)

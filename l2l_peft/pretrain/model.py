@@ -54,6 +54,14 @@ def build_extractor(config: PretrainConfig) -> FeatureExtractor:
     return FeatureExtractor(model, preprocessor_config(config.image_size))
 
 
+def view_features(extractor: FeatureExtractor, views: torch.Tensor) -> torch.Tensor:
+    """Features of augmented views: at the model's side as adapt() sees images, or at their own smaller side
+    (the low-resolution phase, low_res_size) with interpolated position embeddings instead of upsampled."""
+    if views.shape[-1] == extractor.input_size:
+        return extractor(views)
+    return extractor.native_size_features(views)
+
+
 class MultiTaskModel(nn.Module):
     """Shared backbone, one head per dataset and, for self-distillation, the student's projection head.
 
@@ -70,7 +78,7 @@ class MultiTaskModel(nn.Module):
         self, images: torch.Tensor, counts: list[int], local_crops: torch.Tensor | None = None
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """(logits per dataset chunk of the first sum(counts) images, ssl_head outputs of all views or None)."""
-        features = self.extractor(images)
+        features = view_features(self.extractor, images)
         logits = [head(f) for head, f in zip(self.heads.values(), features[: sum(counts)].split(counts))]
         if self.ssl_head is None:
             return logits, None

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PretrainConfig
+from .model import view_features
 
 
 class DinoHead(nn.Module):
@@ -66,7 +67,7 @@ class DinoTeacher(nn.Module):
     @torch.no_grad()
     def forward(self, global_views: torch.Tensor) -> torch.Tensor:
         """Teacher logits of the global crops (view-major)."""
-        return self.head(self.backbone(global_views))
+        return self.head(view_features(self.backbone, global_views))
 
     def loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of teacher(global view i) and student(view j) over pairs j != i; updates the center.
