@@ -378,7 +378,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="study folder (resumable)")
     parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="development npz folder")
-    parser.add_argument("--arms", nargs="+", default=["supervised", "ssl", "both"], choices=list(ARMS))
+    parser.add_argument("--arms", nargs="+", default=["supervised", "both", "both_lowres"], choices=list(ARMS))
     parser.add_argument("--datasets", nargs="+", help="only these datasets (smoke runs)")
     parser.add_argument("--steps", type=int, default=1000, help="pretraining steps, every arm")
     parser.add_argument("--batch", type=int, default=256, help="pretraining images per step, every arm")
