@@ -50,7 +50,7 @@ ARMS = {
     "both": "configs/pretrain/vit_tiny_both.yaml",
     "both_small": "configs/pretrain/vit_small_both.yaml",  # size (item 4); its random reference is still the tiny init
     "proc_both": "configs/pretrain/vit_tiny_both.yaml",  # item 3: the same, continued from STAGE_ONE's backbone
-    "both_lowres": "configs/pretrain/vit_tiny_both.yaml",  # the same, with LOW_RES's cheaper first phase
+    "both_lowres": "configs/pretrain/vit_tiny_both.yaml",  # the same, with the cheaper first phase of ARM_SETTINGS
 }
 # settings an arm changes in its config: both_lowres sees 112-px views (49 patches, not 196) for the first 3/4 of
 # its schedule; at equal steps it costs about 0.44 of `both` (0.75 x ~1/4 + 0.25), so if it is no worse, a

@@ -303,6 +303,7 @@ def test_low_resolution_phase_then_full_size(config_path, tmp_path, monkeypatch)
     assert main([str(path), "--output", str(out), "--cpu", "--log-level", "WARNING"]) == 0
     assert sides == [16, 16, 16, 16, 32, 32, 32, 32]  # steps 0-1 (progress < 0.5): student, teacher; then 32
     assert json.loads((out / "config.json").read_text())["image_size"] == 32
+    assert "views at 16x16 for the first 50% of the schedule" in (out / "README.md").read_text()
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in log)
 

@@ -64,6 +64,8 @@ def write_card(
     origin = f"`{config.init_from}`" if config.init_from else "random initialisation"
     side = f"{config.image_size}x{config.image_size}"
     budget = f", time budget {config.max_minutes} min" if config.max_minutes else ""
+    low = config.low_res_size
+    phase = f"; views at {low}x{low} for the first {config.low_res_fraction:.0%} of the schedule" if low else ""
     text = f"""---
 library_name: transformers
 pipeline_tag: image-feature-extraction
@@ -91,7 +93,7 @@ Train and validation rows only (test split, split == 2, left out). Excluded data
 
 ## Training
 - steps: {progress.step} (planned {config.steps}{budget}),
-  images seen: {progress.images}, batch per step: {config.batch_size} per process
+  images seen: {progress.images}, batch per step: {config.batch_size} per process{phase}
 - time: {progress.seconds / 60:.1f} min of training on {hardware}
 - last logged loss: {log.get("loss", float("nan")):.4f} (per dataset: {losses}); \
 throughput {log.get("images_per_s", "-")} images/s
