@@ -77,19 +77,21 @@ class Job:
     after_start: list[str] = field(default_factory=list)  # jobs that must have started (or been skipped) first
 
 
-def run_jobs(jobs: list[Job], logs: Path, parallel: int) -> dict[str, int]:
+def run_jobs(jobs: list[Job], logs: Path, parallel: int, gpus: int = 1) -> dict[str, int]:
     """Run each job once its `after` jobs exited 0 and its `after_start` jobs left the queue, at most `parallel`
     at once; their exit codes.
 
     A job whose prerequisite failed is skipped (code -1). Each child gets its share of the CPU
     cores as its thread count: 12 evaluation processes with torch's default (every core each)
     spent 13-25 s loading a model and 12-35 s per adaptation on a 16-core H200 machine (first
-    device run), against about 1 s alone.
+    device run), against about 1 s alone. With several `gpus`, each child sees one of them
+    (CUDA_VISIBLE_DEVICES), the one running the fewest children when it starts: runs sharing a GPU
+    take turns on it, and a machine's device time counts the same for one GPU or eight.
     """
     logs.mkdir(parents=True, exist_ok=True)
     threads = str(max(1, (os.cpu_count() or 1) // max(1, min(parallel, len(jobs)))))
     env = os.environ | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    pending, running, codes = list(jobs), {}, {}
+    pending, running, codes, on_gpu = list(jobs), {}, {}, {}
     listed = {job.name for job in jobs}
     while pending or running:
         for job in list(pending):
@@ -101,14 +103,28 @@ def run_jobs(jobs: list[Job], logs: Path, parallel: int) -> dict[str, int]:
                 print(f"{time.strftime('%H:%M:%S')} {job.name}: skipped (a prerequisite failed)", flush=True)
             elif len(running) < parallel and all(name in codes for name in after) and not queued & {*job.after_start}:
                 pending.remove(job)
+                child_env = env
+                if gpus > 1:
+                    busy = [sum(on_gpu[name] == gpu for name in running) for gpu in range(gpus)]
+                    on_gpu[job.name] = busy.index(min(busy))
+                    child_env = env | {"CUDA_VISIBLE_DEVICES": str(on_gpu[job.name])}
                 with open(logs / f"{job.name}.log", "w") as log:  # the child keeps its own copy
-                    running[job.name] = subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT, env=env)
+                    running[job.name] = subprocess.Popen(
+                        job.command, stdout=log, stderr=subprocess.STDOUT, env=child_env
+                    )
         for name, proc in list(running.items()):
             if proc.poll() is not None:
                 codes[name] = running.pop(name).returncode
                 print(f"{time.strftime('%H:%M:%S')} {name}: exit {codes[name]}", flush=True)
         time.sleep(2)
     return codes
+
+
+def gpu_count() -> int:
+    """GPUs this process may use (0 without CUDA); CUDA_VISIBLE_DEVICES narrows them as for any torch program."""
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def arm_config(arm: str, args: argparse.Namespace, stage_one: bool = False) -> Path:
@@ -369,7 +385,7 @@ def ship(args: argparse.Namespace, decision: dict) -> None:
     if not jobs:
         print("no arm passes the rule: nothing to ship", flush=True)
         return
-    codes = run_jobs(jobs, args.work / "logs", parallel=len(jobs))
+    codes = run_jobs(jobs, args.work / "logs", parallel=len(jobs), gpus=gpu_count())
     if any(codes.values()):
         raise SystemExit(f"ship pretraining failed: {codes}")
 
@@ -399,7 +415,8 @@ def main() -> None:
     if not args.analyse_only:
         pretraining = pretrain_jobs(args)
         evaluations = evaluation_jobs(args, staged=[job.name for job in pretraining if job.after])
-        codes = run_jobs(pretraining + evaluations, args.work / "logs", parallel=len(pretraining) + args.jobs)
+        parallel = len(pretraining) + args.jobs
+        codes = run_jobs(pretraining + evaluations, args.work / "logs", parallel=parallel, gpus=gpu_count())
         if any(codes.values()):
             raise SystemExit(f"failed: { {k: v for k, v in codes.items() if v} } (logs in {args.work / 'logs'})")
     decision = analyse(args.work, args.arms)

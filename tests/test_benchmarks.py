@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -241,6 +242,24 @@ def test_backbone_study_pre_pretraining_runs_its_first_stage_once_before_every_f
             Path(jobs[f"both-{fold}"].command[3]).read_text()
         )
         assert "low_res_size" not in config
+
+
+def test_backbone_study_spreads_jobs_over_the_gpus(tmp_path):
+    """With several GPUs each child sees one, the least busy when it starts; with one, the environment is left."""
+    from backbone_study import Job, run_jobs
+
+    def record(name: str, seconds: float = 0) -> list[str]:
+        env = "os.environ.get('CUDA_VISIBLE_DEVICES', '-')"
+        code = f"import os, pathlib, time; pathlib.Path(r'{tmp_path}/{name}').write_text({env}); time.sleep({seconds})"
+        return [sys.executable, "-c", code]
+
+    jobs = [Job("run0", record("run0")), Job("run1", record("run1", 6)), Job("run2", record("run2", 6))]
+    jobs.append(Job("late", record("late"), after=["run0"]))  # starts while run1 (GPU 1) and run2 (GPU 0) run
+    assert set(run_jobs(jobs, tmp_path / "logs", parallel=4, gpus=2).values()) == {0}
+    seen = [(tmp_path / name).read_text() for name in ("run0", "run1", "run2", "late")]
+    assert seen == ["0", "1", "0", "0"]  # GPU 0 was free again when `late` started (round-robin would give 1)
+    assert run_jobs([Job("alone", record("alone"))], tmp_path / "logs", parallel=1, gpus=1) == {"alone": 0}
+    assert (tmp_path / "alone").read_text() == os.environ.get("CUDA_VISIBLE_DEVICES", "-")
 
 
 def test_backbone_study_low_resolution_arm_is_both_with_a_cheaper_first_phase(tmp_path):
