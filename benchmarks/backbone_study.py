@@ -9,7 +9,8 @@ with the default adapt() and a linear probe, on the random init all arms start f
 model card says it never saw the dataset, on today's default backbone (what a user gets now). Paired
 by task, every arm is compared with the supervised arm (the current recipe); `--ship` then pretrains
 each arm that passes the issue's rule on every dataset (same recipe) and exports it. Folds keep the
-two BCCD datasets (one source) together.
+two BCCD datasets (one source) together. `--folds loo` makes each dataset its own fold (the issue's
+leave-one-dataset-out: 11 runs per arm), for a machine of several GPUs.
 
     python benchmarks/backbone_study.py --data /tmp/data --work /tmp/study --ship       # GPU, ~20 min
     python benchmarks/backbone_study.py --work results/backbone_study --analyse-only    # CPU: tables again
@@ -44,6 +45,9 @@ FOLDS = {
     "B": ["pbc_blood_cells", "alzheimer_mri_4class", "pneumoniamnist", "isic_skin_8class"],
     "C": ["lc25000_lung_histo", "kidney_ct_4class", "retinamnist", "lung_ultrasound_pocus"],
 }
+# --folds loo (the issue's leave-one-dataset-out, 11 backbones per arm): each dataset is its own fold, except
+# datasets of one source, held out together
+SAME_SOURCE = [["bccd_multilabel", "wbc_type_bccd"]]
 ARMS = {
     "supervised": "configs/pretrain/vit_tiny_med.yaml",
     "ssl": "configs/pretrain/vit_tiny_ssl.yaml",
@@ -175,18 +179,28 @@ def pretrain_jobs(args: argparse.Namespace) -> list[Job]:
             command = pretrain_command(arm, [], stage_one_dir(arm, args), args, args.stage_one_steps, stage_one=True)
             wanted.append((Job(first[0], command), stage_one_dir(arm, args)))
         for fold in folds(args):
-            command = pretrain_command(arm, FOLDS[fold], root / arm / fold, args)
+            command = pretrain_command(arm, fold_table(args)[fold], root / arm / fold, args)
             wanted.append((Job(f"{arm}-{fold}", command, after=first), root / arm / fold))
     return [job for job, output in wanted if not (output / "model.safetensors").is_file()]
+
+
+def fold_table(args: argparse.Namespace) -> dict[str, list[str]]:
+    """{fold: the datasets its backbones never see}: the three FOLDS, or one per dataset (SAME_SOURCE together)."""
+    if args.folds == "three":
+        return FOLDS
+    grouped = {d: group for group in SAME_SOURCE for d in group}
+    datasets = [d for ds in FOLDS.values() for d in ds]
+    return {"+".join(grouped.get(d, [d])): grouped.get(d, [d]) for d in datasets}
 
 
 def folds(args: argparse.Namespace) -> dict[str, list[str]]:
     """{fold: its datasets to evaluate} (all, or those of --datasets)."""
     known = json.loads((args.data / "manifest.json").read_text())
-    missing = sorted(set(known) - {d for ds in FOLDS.values() for d in ds})
+    table = fold_table(args)
+    missing = sorted(set(known) - {d for ds in table.values() for d in ds})
     if missing:
         raise SystemExit(f"datasets {missing} are in no fold: add them to FOLDS")
-    chosen = {f: [d for d in ds if args.datasets is None or d in args.datasets] for f, ds in FOLDS.items()}
+    chosen = {f: [d for d in ds if args.datasets is None or d in args.datasets] for f, ds in table.items()}
     return {f: ds for f, ds in chosen.items() if ds}
 
 
@@ -396,6 +410,10 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="development npz folder")
     parser.add_argument("--arms", nargs="+", default=["supervised", "both", "both_lowres"], choices=list(ARMS))
     parser.add_argument("--datasets", nargs="+", help="only these datasets (smoke runs)")
+    parser.add_argument(
+        "--folds", choices=["three", "loo"], default="three",
+        help="three folds of four datasets (one GPU) or leave-one-dataset-out (11 runs per arm: several GPUs)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=1000, help="pretraining steps, every arm")
     parser.add_argument("--batch", type=int, default=256, help="pretraining images per step, every arm")
     parser.add_argument("--warmup", type=int, default=100, help="warm-up steps")

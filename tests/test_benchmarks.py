@@ -227,7 +227,7 @@ def test_backbone_study_pre_pretraining_runs_its_first_stage_once_before_every_f
     (data / "manifest.json").write_text(json.dumps({d: {} for ds in FOLDS.values() for d in ds}))
     args = argparse.Namespace(
         work=tmp_path / "work", data=data, arms=["both", "proc_both"], datasets=None, steps=800, batch=256,
-        warmup=100, local_crops=4, max_minutes=12.0, stage_one_steps=400,
+        warmup=100, local_crops=4, max_minutes=12.0, stage_one_steps=400, folds="three",
     )  # fmt: skip
     jobs = {job.name: job for job in pretrain_jobs(args)}
     assert set(jobs) == {"random", "proc_both-stage1", *(f"{a}-{f}" for a in ("both", "proc_both") for f in FOLDS)}
@@ -242,6 +242,30 @@ def test_backbone_study_pre_pretraining_runs_its_first_stage_once_before_every_f
             Path(jobs[f"both-{fold}"].command[3]).read_text()
         )
         assert "low_res_size" not in config
+
+
+def test_backbone_study_leave_one_out_holds_out_each_dataset_and_one_source_together(tmp_path):
+    """--folds loo: 11 backbones per arm for 12 datasets, each without its own dataset (both BCCD ones: one source);
+    every dataset is evaluated on the backbone that never saw it."""
+    import argparse
+
+    from backbone_study import FOLDS, folds, pretrain_jobs
+
+    data = tmp_path / "data"
+    data.mkdir()
+    datasets = [d for ds in FOLDS.values() for d in ds]
+    (data / "manifest.json").write_text(json.dumps({d: {} for d in datasets}))
+    args = argparse.Namespace(
+        work=tmp_path / "work", data=data, arms=["both"], datasets=None, steps=800, batch=256, warmup=100,
+        local_crops=4, max_minutes=12.0, stage_one_steps=400, folds="loo",
+    )  # fmt: skip
+    held_out = folds(args)
+    assert len(held_out) == 11 and sorted(d for ds in held_out.values() for d in ds) == sorted(datasets)
+    assert held_out["bccd_multilabel+wbc_type_bccd"] == ["bccd_multilabel", "wbc_type_bccd"]
+    jobs = {job.name: job.command for job in pretrain_jobs(args)}
+    assert len(jobs) == 12  # the random init and 11 fold runs
+    command = jobs["both-retinamnist"]
+    assert command[command.index("--exclude") + 1 : command.index("--steps")] == ["retinamnist"]
 
 
 def test_backbone_study_spreads_jobs_over_the_gpus(tmp_path):
