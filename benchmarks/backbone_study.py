@@ -50,6 +50,7 @@ FOLDS = {
 SAME_SOURCE = [["bccd_multilabel", "wbc_type_bccd"]]
 ARMS = {
     "supervised": "configs/pretrain/vit_tiny_med.yaml",
+    "supervised_x3": "configs/pretrain/vit_tiny_med.yaml",  # with STEPS_FACTOR's longer schedule
     "ssl": "configs/pretrain/vit_tiny_ssl.yaml",
     "both": "configs/pretrain/vit_tiny_both.yaml",
     "both_small": "configs/pretrain/vit_small_both.yaml",  # size (item 4); its random reference is still the tiny init
@@ -60,6 +61,9 @@ ARMS = {
 # its schedule; at equal steps it costs about 0.44 of `both` (0.75 x ~1/4 + 0.25), so if it is no worse, a
 # shipped run gets about twice the steps for the same GPU time
 ARM_SETTINGS = {"both_lowres": {"low_res_size": 112, "low_res_fraction": 0.75}}
+# arms that train longer than --steps: supervised_x3 does about the GPU work of `both` at --steps (a DINO step with
+# 4 local crops costs about 3.4 supervised ones), the compute-matched reference for an objective that costs more
+STEPS_FACTOR = {"supervised_x3": 3}
 # pre-pretraining (item 3): the arm's first stage, on images made by formula. It sees no real image, so one run
 # serves every fold; its extra steps (--stage-one-steps) are compute the other arms do not get.
 STAGE_ONE = {"proc_both": "configs/pretrain/vit_tiny_procedural.yaml"}
@@ -156,9 +160,10 @@ def pretrain_command(
     stage_one: bool = False,
 ) -> list[str]:  # fmt: skip
     config = arm_config(arm, args, stage_one)
+    steps = args.steps * STEPS_FACTOR.get(arm, 1) if steps is None else steps
     return [
         sys.executable, "-m", "l2l_peft.pretrain", str(config), "--npz-dir", str(args.data),
-        "--exclude", *exclude, "--steps", str(args.steps if steps is None else steps),
+        "--exclude", *exclude, "--steps", str(steps),
         "--max-minutes", str(args.max_minutes),
         "--output", str(output), "--no-resume", "--log-level", "WARNING",
     ]  # fmt: skip
@@ -332,7 +337,9 @@ def verdict(cells: dict[tuple[int, str | None], Aggregate], evaluated: set[tuple
             "too_few_tasks": short, "ships": ships}  # fmt: skip
 
 
-def analyse(work: Path, arms: list[str]) -> dict:
+def analyse(work: Path, arms: list[str], reference: str = REFERENCE) -> dict:
+    """study.md and decision.json: each arm against `reference` (paired by task) and the baselines; the rule's
+    verdicts."""
     table = scores(work)
     datasets = sorted({d for d, _, _ in table})
     lines = [f"# Backbone objective study: {len(datasets)} held-out datasets, AUROC", ""]
@@ -350,17 +357,17 @@ def analyse(work: Path, arms: list[str]) -> dict:
                  for shots in SHOTS]  # fmt: skip
         lines.append(f"| {v} | " + " | ".join(c.format() for c in cells) + " |")
     decision = {}
-    evaluated = {(n, d) for (d, _, n), s in table.items() if f"adapt_{REFERENCE}" in s}
+    evaluated = {(n, d) for (d, _, n), s in table.items() if f"adapt_{reference}" in s}
     for prefix in ("adapt", "probe"):
-        others = [a for a in [*arms, *baselines] if a != REFERENCE]
-        lines += ["", f"## {prefix}: arm minus {prefix}_{REFERENCE}, paired by task (positive: the arm is better)", ""]
+        others = [a for a in [*arms, *baselines] if a != reference]
+        lines += ["", f"## {prefix}: arm minus {prefix}_{reference}, paired by task (positive: the arm is better)", ""]
         lines += [
             "| arm | dataset | " + " | ".join(f"{n}-shot" for n in SHOTS) + " |",
             "|---|---" + "|---" * len(SHOTS) + "|",
         ]
         for arm in others:
             cells = {
-                (n, d): compare(table, f"{prefix}_{arm}", f"{prefix}_{REFERENCE}", n, d)
+                (n, d): compare(table, f"{prefix}_{arm}", f"{prefix}_{reference}", n, d)
                 for d in [None, *datasets]
                 for n in SHOTS
             }  # None: all datasets
@@ -428,6 +435,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=6, help="evaluation processes at once (4-5 GB of GPU memory each)")
     parser.add_argument("--ship", action="store_true", help="pretrain the winning arms on every dataset")
     parser.add_argument("--analyse-only", action="store_true", help="only rebuild study.md from eval/")
+    parser.add_argument(
+        "--reference",
+        default=REFERENCE,
+        choices=list(ARMS),
+        help="the arm every other is paired with and judged against",
+    )
     args = parser.parse_args()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     if not args.analyse_only:
@@ -437,7 +450,7 @@ def main() -> None:
         codes = run_jobs(pretraining + evaluations, args.work / "logs", parallel=parallel, gpus=gpu_count())
         if any(codes.values()):
             raise SystemExit(f"failed: { {k: v for k, v in codes.items() if v} } (logs in {args.work / 'logs'})")
-    decision = analyse(args.work, args.arms)
+    decision = analyse(args.work, args.arms, args.reference)
     if args.ship and not args.analyse_only:
         ship(args, decision)
 

@@ -268,6 +268,29 @@ def test_backbone_study_leave_one_out_holds_out_each_dataset_and_one_source_toge
     assert command[command.index("--exclude") + 1 : command.index("--steps")] == ["retinamnist"]
 
 
+def test_backbone_study_compute_matched_reference(tmp_path):
+    """supervised_x3 is the supervised recipe at three times --steps (about the GPU work of `both`); the analysis
+    can judge every arm against it instead of `supervised`."""
+    import argparse
+
+    import backbone_study
+
+    args = argparse.Namespace(work=tmp_path, data=tmp_path, batch=256, warmup=100, local_crops=4, steps=800,
+                              max_minutes=12.0)  # fmt: skip
+    commands = {
+        arm: backbone_study.pretrain_command(arm, [], tmp_path / arm, args) for arm in ("supervised_x3", "both")
+    }
+    assert [c[c.index("--steps") + 1] for c in commands.values()] == ["2400", "800"]
+    x3, plain = (backbone_study.arm_config(arm, args).read_text() for arm in ("supervised_x3", "supervised"))
+    assert x3 == plain  # the same recipe, only longer
+    arms = ["supervised", "supervised_x3", "both"]
+    zero = {f"{p}_{a}": 0.0 for p in ("adapt", "probe") for a in [*arms, "random"]}
+    _study_rows(tmp_path / "eval" / "d1", "d1", zero | {"adapt_both": 0.05, "adapt_supervised_x3": 0.04})
+    decision = backbone_study.analyse(tmp_path, arms, reference="supervised_x3")
+    assert set(decision) == {"supervised", "both"} and decision["both"]["overall"] == pytest.approx([0.01, 0.01])
+    assert "## adapt: arm minus adapt_supervised_x3" in (tmp_path / "study.md").read_text()
+
+
 def test_backbone_study_spreads_jobs_over_the_gpus(tmp_path):
     """With several GPUs each child sees one, the least busy when it starts; with one, the environment is left."""
     from backbone_study import Job, run_jobs
