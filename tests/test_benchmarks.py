@@ -291,6 +291,25 @@ def test_backbone_study_compute_matched_reference(tmp_path):
     assert "## adapt: arm minus adapt_supervised_x3" in (tmp_path / "study.md").read_text()
 
 
+def test_backbone_study_ships_winners_at_their_own_length_never_the_current_recipe(tmp_path, monkeypatch):
+    """--ship STEPS: each winning arm once on every dataset for STEPS steps; supervised_x3 (the current recipe,
+    longer) is a reference even where it passes the rule."""
+    import argparse
+
+    import backbone_study
+
+    launched = []
+    monkeypatch.setattr(backbone_study, "run_jobs", lambda jobs, *a, **k: launched.extend(jobs) or {})
+    args = argparse.Namespace(work=tmp_path, data=tmp_path, batch=256, warmup=100, local_crops=4, steps=600,
+                              max_minutes=12.0, ship=12350)  # fmt: skip
+    decision = {"both": {"ships": True}, "supervised_x3": {"ships": True}, "both_lowres": {"ships": False}}
+    backbone_study.ship(args, decision)
+    assert [job.name for job in launched] == ["ship-both"]
+    command = launched[0].command
+    assert command[command.index("--steps") + 1] == "12350"
+    assert command[command.index("--exclude") + 1 : command.index("--steps")] == []  # nothing held out
+
+
 def test_backbone_study_spreads_jobs_over_the_gpus(tmp_path):
     """With several GPUs each child sees one, the least busy when it starts; with one, the environment is left."""
     from backbone_study import Job, run_jobs
