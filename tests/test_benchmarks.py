@@ -106,6 +106,21 @@ def test_bench_multi_gpu_smoke_compares_one_and_two_processes(tmp_path):
     assert "| 2 GPUs x 4 | 8 |" in proc.stdout
 
 
+def test_bench_pretrain_smoke_measures_each_arm_and_both_phases(tmp_path):
+    """CPU smoke: every arm pretrains alone and reports a rate; both_lowres one per phase (16 px, then 32)."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(24) % 3
+    (tmp_path / "data").mkdir()
+    save_npz_dataset(tmp_path / "data", "levels", level_images(labels, (16, 16), 80, rng), labels, "multiclass")
+    args = ["--smoke", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--steps", "8"]
+    proc = run_script("benchmarks/bench_pretrain.py", *args, "--log-every", "1", "--batch", "6", timeout=300)
+    results = {r["arm"]: r for r in json.loads((tmp_path / "out" / "bench_pretrain.json").read_text())["results"]}
+    assert list(results) == ["supervised", "both", "both_lowres"]
+    assert all(r["images_per_s"] > 0 for r in results.values()) and results["both_lowres"]["low_res_images_per_s"] > 0
+    assert results["both_lowres"]["config"]["low_res_size"] == 16 and "low_res_size" not in results["both"]["config"]
+    assert "| supervised | " in proc.stdout and "| both_lowres (16 px phase) | " in proc.stdout
+
+
 @pytest.mark.timeout(660)  # above its subprocesses' own limits, so theirs report with output
 def test_recipe_study_and_analysis_run_end_to_end(tmp_path, vit_dir):
     """The recipe study writes raw predictions that the analysis scores, paired by task (CPU, tiny model)."""
