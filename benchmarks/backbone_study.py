@@ -59,11 +59,11 @@ ARMS = {
     "both_lowres": "configs/pretrain/vit_tiny_both.yaml",  # the same, with the cheaper first phase of ARM_SETTINGS
 }
 # settings an arm changes in its config: both_lowres sees 112-px views (49 patches, not 196) for the first 3/4 of
-# its schedule; at equal steps it costs about 0.44 of `both` (0.75 x ~1/4 + 0.25), so if it is no worse, a
-# shipped run gets about twice the steps for the same GPU time
+# its schedule; at equal steps it costs 0.45 of `both` (counted: bench_pretrain.py --flops), so if it is no worse,
+# a shipped run gets about twice the steps for the same GPU time
 ARM_SETTINGS = {"both_lowres": {"low_res_size": 112, "low_res_fraction": 0.75}}
 # arms that train longer than --steps: supervised_x3 does about the GPU work of `both` at --steps (a DINO step with
-# 4 local crops costs about 3.4 supervised ones), the compute-matched reference for an objective that costs more
+# 4 local crops costs 3.44 supervised ones: bench_pretrain.py --flops), the compute-matched reference
 STEPS_FACTOR = {"supervised_x3": 3}
 CURRENT_RECIPE = {"supervised", "supervised_x3"}  # references: judged like the others, never shipped
 # pre-pretraining (item 3): the arm's first stage, on images made by formula. It sees no real image, so one run

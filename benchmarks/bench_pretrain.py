@@ -3,13 +3,19 @@
     python benchmarks/bench_pretrain.py --data /tmp/data --out /tmp/bench_pretrain      # GPU, about 2 min
 
 The backbone study runs its arms at once on one GPU, where runs take turns and no run's rate is its own;
-its plans assume that a DINO image costs about 3.4 supervised ones and that the low-resolution phase
-cuts a step's work about fourfold. This measures both: each arm (`--arms`, configs exactly as the study
-writes them: batch, warm-up, crops) pretrains `--steps` steps alone, and the log's images/s per
+its plans rest on what a step costs (`--flops`: a DINO image 3.44 supervised ones, a 112-px one 0.93)
+and need the rates those become on the GPU. This measures them: each arm (`--arms`, configs exactly as
+the study writes them: batch, warm-up, crops) pretrains `--steps` steps alone, and the log's images/s per
 `--log-every` steps, the first window left out (start-up, cuDNN and allocator warm-up), gives the median
 rate; both_lowres gets one for its 112-px phase and one for its 224-px phase. Work per image is
 relative to the supervised arm. Writes `bench_pretrain.json` (with the command and configs) and prints
 a markdown table. `--smoke` checks the script on the CPU with a tiny ViT at 32 px: machinery, not speed.
+
+`--flops` counts instead of timing (any machine, the real models): one step of each arm and phase in
+this process under torch's FlopCounterMode (matrix products, forward and backward, teacher included;
+augmentation and the EMA are not counted), per image of the batch.
+
+    python benchmarks/bench_pretrain.py --flops --batch 24 --out /tmp/bench_pretrain    # CPU, about 20 s
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ SMOKE = {  # a tiny ViT at 32 px, so that every arm runs on the CPU in seconds
 }  # fmt: skip
 
 
-def measure(arm: str, args: argparse.Namespace) -> dict:
-    """Pretrain `arm` alone for --steps; median images/s of each phase from its log (first window left out)."""
+def study_config(arm: str, args: argparse.Namespace) -> tuple[Path, dict]:
+    """The arm's config as the backbone study writes it (batch, warm-up, crops), logging every --log-every steps;
+    with --smoke, on a tiny ViT at 32 px."""
     study = argparse.Namespace(work=args.out, batch=args.batch, warmup=args.warmup, local_crops=args.local_crops,
                                steps=args.steps)  # fmt: skip
     path = arm_config(arm, study)
@@ -40,6 +47,12 @@ def measure(arm: str, args: argparse.Namespace) -> dict:
     if args.smoke:
         config |= SMOKE | ({"low_res_size": 16} if config.get("low_res_size") else {})
     path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path, config
+
+
+def measure(arm: str, args: argparse.Namespace) -> dict:
+    """Pretrain `arm` alone for --steps; median images/s of each phase from its log (first window left out)."""
+    path, config = study_config(arm, args)
     output = args.out / "runs" / arm
     command = [
         sys.executable, "-m", "l2l_peft.pretrain", str(path), "--npz-dir", str(args.data), "--steps", str(args.steps),
@@ -57,6 +70,30 @@ def measure(arm: str, args: argparse.Namespace) -> dict:
     return result
 
 
+def step_flops(arm: str, args: argparse.Namespace) -> dict:
+    """GFLOPs per image of one training step of `arm`, per phase (both_lowres: its low-resolution and full-size
+    steps), counted in this process on the CPU."""
+    import tempfile
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from l2l_peft.pretrain.config import load_config
+    from l2l_peft.pretrain.loop import pretrain
+    from l2l_peft.runtime import make_accelerator
+
+    config = load_config(study_config(arm, args)[0], npz_dir=str(args.data), steps=1, cpu=True)
+    phases = {"full": {"low_res_size": None}}
+    if config.low_res_size:
+        phases = {"low": {"low_res_fraction": 1.0}} | phases
+    result = {"arm": arm}
+    for phase, changes in phases.items():
+        with tempfile.TemporaryDirectory() as output, FlopCounterMode(display=False) as counter:
+            phase_config = load_config(None, **(config.to_dict() | changes))
+            pretrain(phase_config, Path(output), accelerator=make_accelerator(phase_config.precision, cpu=True))
+        result[f"gflops_per_image_{phase}"] = counter.get_total_flops() / args.batch / 1e9
+    return result
+
+
 def markdown(results: list[dict]) -> str:
     base = next((r["images_per_s"] for r in results if r["arm"] == "supervised"), None)
     lines = ["| arm | images/s | work per image (supervised = 1) |", "|---|---|---|"]
@@ -71,6 +108,19 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def flops_markdown(results: list[dict]) -> str:
+    """GFLOPs per image and phase, and relative to a supervised image."""
+    base = next((r["gflops_per_image_full"] for r in results if r["arm"] == "supervised"), None)
+    lines = ["| arm | phase | GFLOPs per image | supervised = 1 |", "|---|---|---|---|"]
+    for r in results:
+        for phase in ("low", "full"):
+            value = r.get(f"gflops_per_image_{phase}")
+            if value is not None:
+                relative = f"{value / base:.2f}" if base else "-"
+                lines.append(f"| {r['arm']} | {phase} | {value:.2f} | {relative} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -82,8 +132,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="warm-up steps")
     parser.add_argument("--local-crops", type=int, default=4, help="DINO's small crops per image (the study's)")
     parser.add_argument("--smoke", action="store_true", help="CPU check: tiny ViT at 32 px")
+    parser.add_argument("--flops", action="store_true", help="count GFLOPs per image and phase instead of timing")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.flops:
+        results = [step_flops(arm, args) for arm in args.arms]
+        (args.out / "flops.json").write_text(json.dumps({"command": sys.argv, "results": results}, indent=1) + "\n")
+        print(flops_markdown(results), flush=True)
+        return
     results = [measure(arm, args) for arm in args.arms]
     record = {"command": sys.argv, "results": results}
     (args.out / "bench_pretrain.json").write_text(json.dumps(record, indent=1) + "\n")

@@ -107,7 +107,8 @@ def test_bench_multi_gpu_smoke_compares_one_and_two_processes(tmp_path):
 
 
 def test_bench_pretrain_smoke_measures_each_arm_and_both_phases(tmp_path):
-    """CPU smoke: every arm pretrains alone and reports a rate; both_lowres one per phase (16 px, then 32)."""
+    """CPU smoke: every arm pretrains alone and reports a rate; both_lowres one per phase (16 px, then 32); the
+    FLOP count sees DINO's extra crops and the low-resolution phase's fewer patches."""
     rng = np.random.default_rng(0)
     labels = np.arange(24) % 3
     (tmp_path / "data").mkdir()
@@ -119,6 +120,11 @@ def test_bench_pretrain_smoke_measures_each_arm_and_both_phases(tmp_path):
     assert all(r["images_per_s"] > 0 for r in results.values()) and results["both_lowres"]["low_res_images_per_s"] > 0
     assert results["both_lowres"]["config"]["low_res_size"] == 16 and "low_res_size" not in results["both"]["config"]
     assert "| supervised | " in proc.stdout and "| both_lowres (16 px phase) | " in proc.stdout
+    run_script("benchmarks/bench_pretrain.py", *args, "--flops", "--batch", "6", timeout=300)
+    counted = {r["arm"]: r for r in json.loads((tmp_path / "out" / "flops.json").read_text())["results"]}
+    supervised, both = counted["supervised"]["gflops_per_image_full"], counted["both"]["gflops_per_image_full"]
+    assert 0 < supervised < both == pytest.approx(counted["both_lowres"]["gflops_per_image_full"])  # DINO's crops
+    assert counted["both_lowres"]["gflops_per_image_low"] < both / 2  # half the side: about a quarter the patches
 
 
 @pytest.mark.timeout(660)  # above its subprocesses' own limits, so theirs report with output
