@@ -178,15 +178,15 @@ def pretrain_jobs(args: argparse.Namespace) -> list[Job]:
     fold is held out, also where --datasets picks some of it. An arm with a first stage (STAGE_ONE) runs it
     once, on generated images, and its fold runs wait for it.
     """
-    root = args.work / "pretrain"
+    root, held_out, chosen = args.work / "pretrain", fold_table(args), folds(args)
     wanted = [(Job("random", pretrain_command(REFERENCE, [], root / "random", args, steps=0)), root / "random")]
     for arm in args.arms:
         first = [f"{arm}-stage1"] if arm in STAGE_ONE else []
         if first:
             command = pretrain_command(arm, [], stage_one_dir(arm, args), args, args.stage_one_steps, stage_one=True)
             wanted.append((Job(first[0], command), stage_one_dir(arm, args)))
-        for fold in folds(args):
-            command = pretrain_command(arm, fold_table(args)[fold], root / arm / fold, args)
+        for fold in chosen:
+            command = pretrain_command(arm, held_out[fold], root / arm / fold, args)
             wanted.append((Job(f"{arm}-{fold}", command, after=first), root / arm / fold))
     return [job for job, output in wanted if not (output / "model.safetensors").is_file()]
 

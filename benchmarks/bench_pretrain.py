@@ -73,6 +73,7 @@ def measure(arm: str, args: argparse.Namespace) -> dict:
 def step_flops(arm: str, args: argparse.Namespace) -> dict:
     """GFLOPs per image of one training step of `arm`, per phase (both_lowres: its low-resolution and full-size
     steps), counted in this process on the CPU."""
+    import dataclasses
     import tempfile
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -88,7 +89,7 @@ def step_flops(arm: str, args: argparse.Namespace) -> dict:
     result = {"arm": arm}
     for phase, changes in phases.items():
         with tempfile.TemporaryDirectory() as output, FlopCounterMode(display=False) as counter:
-            phase_config = load_config(None, **(config.to_dict() | changes))
+            phase_config = dataclasses.replace(config, **changes)
             pretrain(phase_config, Path(output), accelerator=make_accelerator(phase_config.precision, cpu=True))
         result[f"gflops_per_image_{phase}"] = counter.get_total_flops() / args.batch / 1e9
     return result
