@@ -7,7 +7,8 @@ its plans rest on what a step costs (`--flops`: a DINO image 3.44 supervised one
 and need the rates those become on the GPU. This measures them: each arm (`--arms`, configs exactly as
 the study writes them: batch, warm-up, crops) pretrains `--steps` steps alone, and the log's images/s per
 `--log-every` steps, the first window left out (start-up, cuDNN and allocator warm-up), gives the median
-rate; both_lowres gets one for its 112-px phase and one for its 224-px phase. Work per image is
+rate; both_lowres gets one for its 112-px phase and one for its 224-px phase, whose first window is left out
+too (new shapes: allocator warm-up and, with `--compile`, compilation again). Work per image is
 relative to the supervised arm. Writes `bench_pretrain.json` (with the command and configs) and prints
 a markdown table. `--smoke` checks the script on the CPU with a tiny ViT at 32 px: machinery, not speed.
 
@@ -44,6 +45,8 @@ def study_config(arm: str, args: argparse.Namespace) -> tuple[Path, dict]:
                                steps=args.steps)  # fmt: skip
     path = arm_config(arm, study)
     config = yaml.safe_load(path.read_text()) | {"log_every": args.log_every}
+    if args.compile:
+        config["compile"] = True
     if args.smoke:
         config |= SMOKE | ({"low_res_size": 16} if config.get("low_res_size") else {})
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -63,7 +66,7 @@ def measure(arm: str, args: argparse.Namespace) -> dict:
     switch = config.get("low_res_fraction", 1.0) * args.steps if config.get("low_res_size") else 0
     # a window that spans the switch mixes both phases: left out
     low = [r["images_per_s"] for r in lines if r["step"] <= switch]
-    full = [r["images_per_s"] for r in lines if r["step"] - args.log_every >= switch]
+    full = [r["images_per_s"] for r in lines if r["step"] - args.log_every >= switch][1 if switch else 0 :]
     result = {"arm": arm, "config": config, "images_per_s": statistics.median(full) if full else None}
     if config.get("low_res_size"):
         result["low_res_images_per_s"] = statistics.median(low) if low else None
@@ -134,6 +137,7 @@ def main() -> None:
     parser.add_argument("--local-crops", type=int, default=4, help="DINO's small crops per image (the study's)")
     parser.add_argument("--smoke", action="store_true", help="CPU check: tiny ViT at 32 px")
     parser.add_argument("--flops", action="store_true", help="count GFLOPs per image and phase instead of timing")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models (PretrainConfig.compile)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.flops:

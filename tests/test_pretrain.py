@@ -267,6 +267,31 @@ def test_multi_crop_views(config_path):
     assert local is None and torch.equal(images, torch.cat([StrongAugment(32)(x, generator) for x in batches]))
 
 
+def test_views_of_same_shaped_datasets_are_augmented_together():
+    """One augmentation call per image shape, every view in it; the views come back view-major in dataset order."""
+    from l2l_peft.pretrain.augment import _views
+
+    def constant(values, shape):  # flat images: the centre pixel names the image whatever the crop and flips
+        return torch.tensor(values, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, *shape).contiguous()
+
+    gray, rgb = (1, 28, 28), (3, 20, 24)
+    batches = [constant([10, 20, 30], gray), constant([40, 50], rgb), constant([60, 70, 80, 90], gray)]
+    plain = StrongAugment(size=32, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), max_rotation=0, vflip=0, jitter=0,
+                          grayscale=0)  # fmt: skip
+    calls = []
+
+    def counted(x, generator):
+        calls.append(len(x))
+        return plain(x, generator)
+
+    views = _views(counted, batches, 2, torch.Generator().manual_seed(0))
+    assert calls == [2 * 7, 2 * 2]  # the two 28x28 gray datasets in one call, the RGB one alone
+    centre = ((views[:, 0, 16, 16] + 1) / 2 * 255).round().int().tolist()
+    assert centre == [10, 20, 30, 40, 50, 60, 70, 80, 90] * 2
+    random_views = _views(StrongAugment(size=32), batches, 2, torch.Generator().manual_seed(0))
+    assert not torch.equal(random_views[:9], random_views[9:])  # each view its own transforms
+
+
 @pytest.mark.parametrize(
     "changes", [{"low_res_size": 12}, {"low_res_size": 32}, {"low_res_size": 0}, {"low_res_fraction": 0}]
 )

