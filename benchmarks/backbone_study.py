@@ -57,14 +57,20 @@ ARMS = {
     "both_small": "configs/pretrain/vit_small_both.yaml",  # size (item 4); its random reference is still the tiny init
     "proc_both": "configs/pretrain/vit_tiny_both.yaml",  # item 3: the same, continued from STAGE_ONE's backbone
     "both_lowres": "configs/pretrain/vit_tiny_both.yaml",  # the same, with the cheaper first phase of ARM_SETTINGS
+    "supervised_small": "configs/pretrain/vit_tiny_med.yaml",  # size (item 4): the supervised recipe on ViT-small
 }
 # settings an arm changes in its config: both_lowres sees 112-px views (49 patches, not 196) for the first 3/4 of
 # its schedule; at equal steps it costs 0.45 of `both` (counted: bench_pretrain.py --flops), so if it is no worse,
 # a shipped run gets about twice the steps for the same GPU time
-ARM_SETTINGS = {"both_lowres": {"low_res_size": 112, "low_res_fraction": 0.75}}
-# arms that train longer than --steps: supervised_x3 does about the GPU work of `both` at --steps (a DINO step with
-# 4 local crops costs 3.44 supervised ones: bench_pretrain.py --flops), the compute-matched reference
-STEPS_FACTOR = {"supervised_x3": 3}
+# supervised_small: ViT-small/16 (21.7 M parameters, 43 MB in bf16) with the current recipe
+ARM_SETTINGS = {
+    "both_lowres": {"low_res_size": 112, "low_res_fraction": 0.75},
+    "supervised_small": {"model_size": "small", "name": "l2l-vit-small-med"},
+}
+# arms whose length is not --steps, to match work (bench_pretrain.py --flops, per image of a step, supervised ViT-tiny
+# = 1): supervised_x3 does about the work of `both` (3.44) at --steps, the compute-matched reference of run 4;
+# supervised_small (3.96) trains 3/4 of --steps, about supervised_x3's work again
+STEPS_FACTOR = {"supervised_x3": 3, "supervised_small": 0.75}
 CURRENT_RECIPE = {"supervised", "supervised_x3"}  # references: judged like the others, never shipped
 # pre-pretraining (item 3): the arm's first stage, on images made by formula. It sees no real image, so one run
 # serves every fold; its extra steps (--stage-one-steps) are compute the other arms do not get.
@@ -162,7 +168,7 @@ def pretrain_command(
     stage_one: bool = False,
 ) -> list[str]:  # fmt: skip
     config = arm_config(arm, args, stage_one)
-    steps = args.steps * STEPS_FACTOR.get(arm, 1) if steps is None else steps
+    steps = round(args.steps * STEPS_FACTOR.get(arm, 1)) if steps is None else steps
     return [
         sys.executable, "-m", "l2l_peft.pretrain", str(config), "--npz-dir", str(args.data),
         "--exclude", *exclude, "--steps", str(steps),
@@ -287,10 +293,11 @@ def evaluation_jobs(args: argparse.Namespace, staged: list[str]) -> list[Job]:
     return jobs
 
 
-def scores(work: Path) -> dict[tuple[str, str, int], dict[str, float]]:
-    """{(dataset, task, shots): {variant: AUROC}} over every evaluated dataset."""
+def scores(work: Path, earlier: list[Path] = ()) -> dict[tuple[str, str, int], dict[str, float]]:
+    """{(dataset, task, shots): {variant: AUROC}} over every evaluated dataset, `earlier` studies' rows first (this
+    study's replace a variant they share)."""
     table: dict[tuple[str, str, int], dict[str, float]] = defaultdict(dict)
-    for path in sorted((work / "eval").rglob("results.jsonl")):
+    for path in [p for study in [*earlier, work] for p in sorted((study / "eval").rglob("results.jsonl"))]:
         for row in read_rows(path):
             auroc = (row.get("metrics") or {}).get("auroc")
             if not row.get("error") and auroc is not None and math.isfinite(auroc):
@@ -339,10 +346,10 @@ def verdict(cells: dict[tuple[int, str | None], Aggregate], evaluated: set[tuple
             "too_few_tasks": short, "ships": ships}  # fmt: skip
 
 
-def analyse(work: Path, arms: list[str], reference: str = REFERENCE) -> dict:
+def analyse(work: Path, arms: list[str], reference: str = REFERENCE, earlier: list[Path] = ()) -> dict:
     """study.md and decision.json: each arm against `reference` (paired by task) and the baselines; the rule's
-    verdicts."""
-    table = scores(work)
+    verdicts. `earlier`: studies whose rows join this one's (arms evaluated there are not rerun)."""
+    table = scores(work, earlier)
     datasets = sorted({d for d, _, _ in table})
     lines = [f"# Backbone objective study: {len(datasets)} held-out datasets, AUROC", ""]
     lines += [
@@ -422,7 +429,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="study folder (resumable)")
     parser.add_argument("--data", type=Path, default=Path("../shared/data"), help="development npz folder")
-    parser.add_argument("--arms", nargs="+", default=["supervised", "supervised_x3", "both_lowres"], choices=list(ARMS))
+    parser.add_argument(
+        "--arms", nargs="+", default=["supervised", "supervised_x3", "supervised_small"], choices=list(ARMS)
+    )
     parser.add_argument("--datasets", nargs="+", help="only these datasets (smoke runs)")
     parser.add_argument(
         "--folds", choices=["three", "loo"], default="three",
@@ -445,6 +454,10 @@ def main() -> None:
     )
     parser.add_argument("--analyse-only", action="store_true", help="only rebuild study.md from eval/")
     parser.add_argument(
+        "--rows-from", nargs="+", type=Path, default=[], metavar="WORK",
+        help="earlier studies (same data copy, steps and tasks) whose evaluated rows join this one's tables",
+    )  # fmt: skip
+    parser.add_argument(
         "--reference",
         default=REFERENCE,
         choices=list(ARMS),
@@ -459,7 +472,7 @@ def main() -> None:
         codes = run_jobs(pretraining + evaluations, args.work / "logs", parallel=parallel, gpus=gpu_count())
         if any(codes.values()):
             raise SystemExit(f"failed: { {k: v for k, v in codes.items() if v} } (logs in {args.work / 'logs'})")
-    decision = analyse(args.work, args.arms, args.reference)
+    decision = analyse(args.work, args.arms, args.reference, args.rows_from)
     if args.ship is not None and not args.analyse_only:
         ship(args, decision)
 

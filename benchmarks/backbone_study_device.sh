@@ -5,6 +5,7 @@
 # follows it for LIMIT seconds (or until it ends), then copies logs and results to $OUT. `tests` runs the test
 # suite alone in the same layout (a copy without .git, wheels under /tmp/site), naming each failure.
 #   start: benchmarks/backbone_study_device.sh start 540 [STUDY ARGS...]   (carry .whl and .devdata/all)
+#          PACK=.devdata/q85 benchmarks/backbone_study_device.sh start ...   (another pack.py copy, e.g. --quality 85)
 #   poll:  benchmarks/backbone_study_device.sh poll 560
 #   tests: benchmarks/backbone_study_device.sh tests 560 [PYTEST ARGS...]   (carry .whl)
 # The machine goes back 30 s after a call ends: a poll that comes later finds a fresh machine and nothing running.
@@ -23,7 +24,8 @@ if [ "$mode" = tests ]; then
 fi
 if [ "$mode" = start ]; then
   rm -rf /tmp/study
-  python3 .devdata/all/pack.py unpack .devdata/all /tmp/data >/dev/null || exit 1
+  pack=${PACK:-.devdata/all}
+  python3 "$pack/pack.py" unpack "$pack" /tmp/data >/dev/null || exit 1
   cd /tmp/repo
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   setsid nohup python3 benchmarks/backbone_study.py --data /tmp/data --work /tmp/study "${study_args[@]}" >/tmp/study.log 2>&1 &

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -290,26 +291,35 @@ def test_backbone_study_leave_one_out_holds_out_each_dataset_and_one_source_toge
 
 
 def test_backbone_study_compute_matched_reference(tmp_path):
-    """supervised_x3 is the supervised recipe at three times --steps (about the GPU work of `both`); the analysis
-    can judge every arm against it instead of `supervised`."""
+    """supervised_x3 is the supervised recipe at three times --steps (about the GPU work of `both`), supervised_small
+    the same recipe on ViT-small at 3/4 of them (about as much work again); the analysis can judge every arm against
+    supervised_x3 instead of `supervised`."""
     import argparse
 
     import backbone_study
 
     args = argparse.Namespace(work=tmp_path, data=tmp_path, batch=256, warmup=100, local_crops=4, steps=800,
                               max_minutes=12.0)  # fmt: skip
-    commands = {
-        arm: backbone_study.pretrain_command(arm, [], tmp_path / arm, args) for arm in ("supervised_x3", "both")
-    }
-    assert [c[c.index("--steps") + 1] for c in commands.values()] == ["2400", "800"]
-    x3, plain = (backbone_study.arm_config(arm, args).read_text() for arm in ("supervised_x3", "supervised"))
+    lengths = ("supervised_x3", "both", "supervised_small")
+    commands = {arm: backbone_study.pretrain_command(arm, [], tmp_path / arm, args) for arm in lengths}
+    assert [c[c.index("--steps") + 1] for c in commands.values()] == ["2400", "800", "600"]
+    x3, plain, small = (
+        yaml.safe_load(backbone_study.arm_config(arm, args).read_text())
+        for arm in ("supervised_x3", "supervised", "supervised_small")
+    )
     assert x3 == plain  # the same recipe, only longer
+    assert small == plain | {"model_size": "small", "name": "l2l-vit-small-med"}  # ... on ViT-small, 3/4 as long
     arms = ["supervised", "supervised_x3", "both"]
     zero = {f"{p}_{a}": 0.0 for p in ("adapt", "probe") for a in [*arms, "random"]}
     _study_rows(tmp_path / "eval" / "d1", "d1", zero | {"adapt_both": 0.05, "adapt_supervised_x3": 0.04})
     decision = backbone_study.analyse(tmp_path, arms, reference="supervised_x3")
     assert set(decision) == {"supervised", "both"} and decision["both"]["overall"] == pytest.approx([0.01, 0.01])
     assert "## adapt: arm minus adapt_supervised_x3" in (tmp_path / "study.md").read_text()
+    later = tmp_path / "later"  # a later study of one new arm, judged with this one's rows
+    _study_rows(later / "eval" / "d1", "d1", {"adapt_both_lowres": 0.07, "probe_both_lowres": 0.0})
+    decision = backbone_study.analyse(later, [*arms, "both_lowres"], reference="supervised_x3", earlier=[tmp_path])
+    assert decision["both_lowres"]["overall"] == pytest.approx([0.03, 0.03])
+    assert decision["both"]["overall"] == pytest.approx([0.01, 0.01])
 
 
 def test_backbone_study_ships_winners_at_their_own_length_never_the_current_recipe(tmp_path, monkeypatch):
