@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -402,3 +403,89 @@ def test_backbone_study_jobs_wait_for_their_backbones_and_skip_after_a_failure(t
     assert codes == {"good": 0, "bad": 1, "eval-good": 0, "eval-bad": -1, "eval-earlier": 0, "second-stage": 0,
                      "eval-beside": 0}  # fmt: skip
     assert not (tmp_path / "eval-bad").exists() and (tmp_path / "logs" / "eval-good.log").is_file()
+
+
+STUB_STUDY = """
+import json, pathlib, sys, time
+args = sys.argv[1:]
+work = pathlib.Path(args[args.index("--work") + 1])
+data = pathlib.Path(args[args.index("--data") + 1])
+(work / "pretrain" / "x" / "A").mkdir(parents=True)
+(work / "pretrain" / "x" / "A" / "log.jsonl").write_text(json.dumps({"step": 2}) + "\\n")
+(work / "pretrain" / "x" / "A" / "model.safetensors").write_bytes(b"weights")
+ship = work / "ship" / "x"
+(ship / "checkpoint").mkdir(parents=True)
+(ship / "model.safetensors").write_bytes(b"weights")
+(ship / "README.md").write_text("card")
+(ship / "checkpoint" / "optimizer.bin").write_bytes(b"state")
+(work / "args.json").write_text(json.dumps({"args": args, "data": sorted(p.name for p in data.iterdir())}))
+time.sleep(1)
+print("stub study done")
+"""
+
+STUB_PACK = """
+import shutil, sys
+_, mode, source, target = sys.argv
+shutil.copytree(source, target, dirs_exist_ok=True)
+"""
+
+
+def _stub_wheel(path: Path) -> None:
+    """A pure-Python wheel pip installs offline (the device gets torchcross and friends this way)."""
+    import zipfile
+
+    files = {
+        "stubpkg/__init__.py": "",
+        "stubpkg-0.1.dist-info/METADATA": "Metadata-Version: 2.1\nName: stubpkg\nVersion: 0.1\n",
+        "stubpkg-0.1.dist-info/WHEEL": "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = "".join(f"{name},,\n" for name in files) + "stubpkg-0.1.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(path / "stubpkg-0.1-py3-none-any.whl", "w") as wheel:
+        for name, text in {**files, "stubpkg-0.1.dist-info/RECORD": record}.items():
+            wheel.writestr(name, text)
+
+
+DEVICE_TOOLS = ("bash", "setsid", "pgrep", "tar")
+
+
+@pytest.mark.skipif(not all(map(shutil.which, DEVICE_TOOLS)), reason=f"needs {', '.join(DEVICE_TOOLS)}")
+def test_device_script_starts_the_study_detached_and_brings_back_results_without_weights(tmp_path):
+    """`start` installs the wheels, copies the tree without .git/.devdata/.whl, unpacks the chosen pack and runs
+    the study with its arguments; the poll brings back its log, the study without weights and each shipped
+    model without its checkpoint."""
+    import tarfile
+
+    project, root, out = tmp_path / "project", tmp_path / "root", tmp_path / "out"
+    (project / "benchmarks").mkdir(parents=True)
+    shutil.copy(REPO / "benchmarks" / "backbone_study_device.sh", project / "benchmarks")
+    (project / "benchmarks" / "backbone_study.py").write_text(STUB_STUDY)
+    (project / ".whl").mkdir()
+    _stub_wheel(project / ".whl")
+    pack = project / ".devdata" / "q85"
+    pack.mkdir(parents=True)
+    (pack / "pack.py").write_text(STUB_PACK)
+    (pack / "d1.npz").write_bytes(b"npz")
+    (project / ".git").mkdir()
+    out.mkdir()
+    bin_dir = tmp_path / "bin"  # python3 = this interpreter; nvidia-smi answers like the device's
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'stub GPU, 1 MiB'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "DEVICE_ROOT": str(root),
+                        "PACK": ".devdata/q85", "POLL_EVERY": "1"}  # fmt: skip
+    command = ["bash", "benchmarks/backbone_study_device.sh", "start", "30", "--arms", "x", "--steps", "2"]
+    proc = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "stub GPU" in proc.stdout and "pretrain/x/A/log.jsonl" in proc.stdout
+    assert (root / "site" / "stubpkg" / "__init__.py").is_file()
+    assert sorted(p.name for p in (root / "repo").iterdir()) == ["benchmarks"]
+    assert "stub study done" in (out / "study.log").read_text()
+    with tarfile.open(out / "study.tgz") as archive:
+        names = archive.getnames()
+        study = json.load(archive.extractfile("study/args.json"))
+    assert "study/pretrain/x/A/log.jsonl" in names and not any(n.endswith(".safetensors") for n in names)
+    assert study == {"args": ["--data", str(root / "data"), "--work", str(root / "study"), "--arms", "x", "--steps",
+                              "2"], "data": ["d1.npz", "pack.py"]}  # fmt: skip
+    with tarfile.open(out / "ship_x.tgz") as archive:
+        assert sorted(archive.getnames()) == [".", "./README.md", "./model.safetensors"]
