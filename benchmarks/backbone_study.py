@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -60,8 +61,8 @@ ARMS = {
     "supervised_small": "configs/pretrain/vit_tiny_med.yaml",  # size (item 4): the supervised recipe on ViT-small
 }
 # settings an arm changes in its config: both_lowres sees 112-px views (49 patches, not 196) for the first 3/4 of
-# its schedule; at equal steps it costs 0.45 of `both` (counted: bench_pretrain.py --flops), so if it is no worse,
-# a shipped run gets about twice the steps for the same GPU time
+# its schedule; at equal steps it costs 0.45 of `both`'s FLOPs (bench_pretrain.py --flops) but 0.75 of its time on
+# one H200 (bench_pretrain.py, batched augmentation: small steps use the GPU less well)
 # supervised_small: ViT-small/16 (21.7 M parameters, 43 MB in bf16) with the current recipe
 ARM_SETTINGS = {
     "both_lowres": {"low_res_size": 112, "low_res_fraction": 0.75},
@@ -293,7 +294,7 @@ def evaluation_jobs(args: argparse.Namespace, staged: list[str]) -> list[Job]:
     return jobs
 
 
-def scores(work: Path, earlier: list[Path] = ()) -> dict[tuple[str, str, int], dict[str, float]]:
+def scores(work: Path, earlier: Sequence[Path] = ()) -> dict[tuple[str, str, int], dict[str, float]]:
     """{(dataset, task, shots): {variant: AUROC}} over every evaluated dataset, `earlier` studies' rows first (this
     study's replace a variant they share)."""
     table: dict[tuple[str, str, int], dict[str, float]] = defaultdict(dict)
@@ -346,7 +347,7 @@ def verdict(cells: dict[tuple[int, str | None], Aggregate], evaluated: set[tuple
             "too_few_tasks": short, "ships": ships}  # fmt: skip
 
 
-def analyse(work: Path, arms: list[str], reference: str = REFERENCE, earlier: list[Path] = ()) -> dict:
+def analyse(work: Path, arms: list[str], reference: str = REFERENCE, earlier: Sequence[Path] = ()) -> dict:
     """study.md and decision.json: each arm against `reference` (paired by task) and the baselines; the rule's
     verdicts. `earlier`: studies whose rows join this one's (arms evaluated there are not rerun)."""
     table = scores(work, earlier)

@@ -9,6 +9,7 @@ such views per image (global and small local crops) for self-distillation.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -19,6 +20,7 @@ from torch import Tensor
 from .config import PretrainConfig
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights, as PIL's convert("L")
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # uint8 batch -> views
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ class MultiCrop:
         return cls(strong(size, config.global_crop_scale), local, n_global=2, n_local=config.local_crops)
 
 
-def _views(augment: StrongAugment, batches: list[torch.Tensor], n: int, generator: torch.Generator) -> torch.Tensor:
+def _views(augment: Augment, batches: list[torch.Tensor], n: int, generator: torch.Generator) -> torch.Tensor:
     """`n` views of every image, view-major and in dataset order within a view.
 
     Datasets of one image shape are augmented together, all their views in one call: a pretraining
