@@ -296,9 +296,9 @@ def evaluation_jobs(args: argparse.Namespace, staged: list[str]) -> list[Job]:
 
 def scores(work: Path, earlier: Sequence[Path] = ()) -> dict[tuple[str, str, int], dict[str, float]]:
     """{(dataset, task, shots): {variant: AUROC}} over every evaluated dataset, `earlier` studies' rows first (this
-    study's replace a variant they share)."""
+    study's replace a variant they share); rows compressed for the repository (results.jsonl.gz) read the same."""
     table: dict[tuple[str, str, int], dict[str, float]] = defaultdict(dict)
-    for path in [p for study in [*earlier, work] for p in sorted((study / "eval").rglob("results.jsonl"))]:
+    for path in [p for study in [*earlier, work] for p in sorted((study / "eval").rglob("results.jsonl*"))]:
         for row in read_rows(path):
             auroc = (row.get("metrics") or {}).get("auroc")
             if not row.get("error") and auroc is not None and math.isfinite(auroc):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import pickle
@@ -316,6 +317,9 @@ def test_backbone_study_compute_matched_reference(tmp_path):
     decision = backbone_study.analyse(tmp_path, arms, reference="supervised_x3")
     assert set(decision) == {"supervised", "both"} and decision["both"]["overall"] == pytest.approx([0.01, 0.01])
     assert "## adapt: arm minus adapt_supervised_x3" in (tmp_path / "study.md").read_text()
+    rows = tmp_path / "eval" / "d1" / "results.jsonl"  # committed studies keep their rows gzipped
+    rows.with_suffix(".jsonl.gz").write_bytes(gzip.compress(rows.read_bytes()))
+    rows.unlink()
     later = tmp_path / "later"  # a later study of one new arm, judged with this one's rows
     _study_rows(later / "eval" / "d1", "d1", {"adapt_both_lowres": 0.07, "probe_both_lowres": 0.0})
     decision = backbone_study.analyse(later, [*arms, "both_lowres"], reference="supervised_x3", earlier=[tmp_path])

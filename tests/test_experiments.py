@@ -121,6 +121,21 @@ def test_tiny_suite_end_to_end(one_process_run):
     assert len(resolved["source_sha256"]) == 64
 
 
+def test_rows_read_the_same_compressed(tmp_path):
+    """Committed studies keep results.jsonl gzipped: the last row of each (task, variant) wins either way, and a
+    torn last line (a killed run) is skipped."""
+    import gzip
+
+    failed = {"task": "t0", "variant": "a", "error": "x"}
+    other, retried = {"task": "t1", "variant": "a"}, {"task": "t0", "variant": "a"}
+    rows = [failed, other, retried]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"task": "t2", "vari'
+    (tmp_path / RESULTS).write_text(text)
+    (tmp_path / f"{RESULTS}.gz").write_bytes(gzip.compress(text.encode()))
+    plain = read_rows(tmp_path / RESULTS)
+    assert plain == [other, retried] and read_rows(tmp_path / f"{RESULTS}.gz") == plain
+
+
 def test_paired_differences_pair_by_task():
     def row(task: str, variant: str, auroc: float, error: str | None = None) -> dict:
         return {"task": task, "variant": variant, "shots": 5, "error": error, "metrics": {"auroc": auroc}}

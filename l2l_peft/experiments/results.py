@@ -7,6 +7,7 @@ shots: the mean over tasks with a 95% percentile-bootstrap confidence interval (
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from collections import defaultdict
@@ -25,11 +26,16 @@ def row_key(row: dict[str, Any]) -> tuple[str, str]:
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The last row of each (task, variant), in file order; a torn last line (killed run) is ignored."""
+    """The last row of each (task, variant), in file order; a torn last line (killed run) is ignored.
+
+    A `.gz` path reads the same: committed studies keep their rows compressed (a tenth of the size),
+    so that the working tree still fits, with the data, in what one GPU call carries.
+    """
     if not path.is_file():
         return []
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
     rows: dict[tuple[str, str], dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
