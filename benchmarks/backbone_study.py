@@ -2,12 +2,13 @@
 
 Held out by fold of datasets, so that one GPU session holds the whole study: every arm (a pretraining
 config: supervised heads, DINO, both, both on ViT-small, both after a first stage on generated images, both
-with a low-resolution first phase)
-is pretrained once per fold WITHOUT that fold's datasets, all runs at once on the GPU, with equal steps
-and batch. Then each dataset's test tasks are adapted on the fold backbone that never saw the dataset,
-with the default adapt() and a linear probe, on the random init all arms start from and, where its
-model card says it never saw the dataset, on today's default backbone (what a user gets now). Paired
-by task, every arm is compared with the supervised arm (the current recipe); `--ship STEPS` then
+with a low-resolution first phase, the supervised recipe longer or on ViT-small)
+is pretrained once per fold WITHOUT that fold's datasets, all runs at once on the GPU, with equal batch
+and steps (STEPS_FACTOR: arms matched in work instead). Then each dataset's test tasks are adapted on the
+fold backbone that never saw the dataset, with the default adapt() and a linear probe, on the random init
+all arms start from and, where its model card says it never saw the dataset, on today's default backbone
+(what a user gets now). Paired by task, every arm is compared with `--reference` (default: the supervised
+arm, the current recipe); `--rows-from` adds earlier studies' rows; `--ship STEPS` then
 pretrains each arm that passes the issue's rule on every dataset (same recipe, STEPS long: a default
 should see at least as many images as today's) and exports it. Folds keep the
 two BCCD datasets (one source) together. `--folds loo` makes each dataset its own fold (the issue's

@@ -129,8 +129,8 @@ def main() -> None:
     lines = [f"# Probe AUROC by feature layers: {source.name} on {len(datasets)} datasets it never saw", "", header]
     lines += ["", "| layers | " + " | ".join(f"{s}-shot mean | minus last, paired" for s in args.shots) + " |"]
     lines += ["|---" + "|---|---" * len(args.shots) + "|"]
+    by_shots = [[r for r in rows if r["shots"] == shots] for shots in args.shots]
     for name in sets:
-        by_shots = [[r for r in rows if r["shots"] == shots] for shots in args.shots]
         lines.append(
             f"| {name} | " + " | ".join(f"{cell(b, name, False)} | {cell(b, name, True)}" for b in by_shots) + " |"
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import os
@@ -238,21 +239,22 @@ def test_backbone_study_runs_todays_default_only_where_it_never_saw_the_data():
     assert references("both", "pbc_blood_cells") == ["both"]
 
 
+def _study_args(work: Path, data: Path, **changes) -> argparse.Namespace:
+    """backbone_study's arguments as the device runs use them (800 steps, three folds), with `changes`."""
+    defaults = {"work": work, "data": data, "arms": ["both"], "datasets": None, "folds": "three", "steps": 800,
+                "batch": 256, "warmup": 100, "local_crops": 4, "max_minutes": 12.0, "stage_one_steps": 400}  # fmt: skip
+    return argparse.Namespace(**defaults | changes)
+
+
 def test_backbone_study_pre_pretraining_runs_its_first_stage_once_before_every_fold(tmp_path):
     """proc_both: one stage-1 job on generated images, then a fold run per fold that waits for it and starts
     from its backbone with the recipe of `both`."""
-    import argparse
-
-    import yaml
     from backbone_study import FOLDS, pretrain_jobs
 
     data = tmp_path / "data"
     data.mkdir()
     (data / "manifest.json").write_text(json.dumps({d: {} for ds in FOLDS.values() for d in ds}))
-    args = argparse.Namespace(
-        work=tmp_path / "work", data=data, arms=["both", "proc_both"], datasets=None, steps=800, batch=256,
-        warmup=100, local_crops=4, max_minutes=12.0, stage_one_steps=400, folds="three",
-    )  # fmt: skip
+    args = _study_args(tmp_path / "work", data, arms=["both", "proc_both"])
     jobs = {job.name: job for job in pretrain_jobs(args)}
     assert set(jobs) == {"random", "proc_both-stage1", *(f"{a}-{f}" for a in ("both", "proc_both") for f in FOLDS)}
     stage_one = jobs["proc_both-stage1"].command
@@ -271,18 +273,13 @@ def test_backbone_study_pre_pretraining_runs_its_first_stage_once_before_every_f
 def test_backbone_study_leave_one_out_holds_out_each_dataset_and_one_source_together(tmp_path):
     """--folds loo: 11 backbones per arm for 12 datasets, each without its own dataset (both BCCD ones: one source);
     every dataset is evaluated on the backbone that never saw it."""
-    import argparse
-
     from backbone_study import FOLDS, folds, pretrain_jobs
 
     data = tmp_path / "data"
     data.mkdir()
     datasets = [d for ds in FOLDS.values() for d in ds]
     (data / "manifest.json").write_text(json.dumps({d: {} for d in datasets}))
-    args = argparse.Namespace(
-        work=tmp_path / "work", data=data, arms=["both"], datasets=None, steps=800, batch=256, warmup=100,
-        local_crops=4, max_minutes=12.0, stage_one_steps=400, folds="loo",
-    )  # fmt: skip
+    args = _study_args(tmp_path / "work", data, folds="loo")
     held_out = folds(args)
     assert len(held_out) == 11 and sorted(d for ds in held_out.values() for d in ds) == sorted(datasets)
     assert held_out["bccd_multilabel+wbc_type_bccd"] == ["bccd_multilabel", "wbc_type_bccd"]
@@ -296,12 +293,9 @@ def test_backbone_study_compute_matched_reference(tmp_path):
     """supervised_x3 is the supervised recipe at three times --steps (about the GPU work of `both`), supervised_small
     the same recipe on ViT-small at 3/4 of them (about as much work again); the analysis can judge every arm against
     supervised_x3 instead of `supervised`."""
-    import argparse
-
     import backbone_study
 
-    args = argparse.Namespace(work=tmp_path, data=tmp_path, batch=256, warmup=100, local_crops=4, steps=800,
-                              max_minutes=12.0)  # fmt: skip
+    args = _study_args(tmp_path, tmp_path)
     lengths = ("supervised_x3", "both", "supervised_small")
     commands = {arm: backbone_study.pretrain_command(arm, [], tmp_path / arm, args) for arm in lengths}
     assert [c[c.index("--steps") + 1] for c in commands.values()] == ["2400", "800", "600"]
@@ -330,14 +324,11 @@ def test_backbone_study_compute_matched_reference(tmp_path):
 def test_backbone_study_ships_winners_at_their_own_length_never_the_current_recipe(tmp_path, monkeypatch):
     """--ship STEPS: each winning arm once on every dataset for STEPS steps; supervised_x3 (the current recipe,
     longer) is a reference even where it passes the rule."""
-    import argparse
-
     import backbone_study
 
     launched = []
     monkeypatch.setattr(backbone_study, "run_jobs", lambda jobs, *a, **k: launched.extend(jobs) or {})
-    args = argparse.Namespace(work=tmp_path, data=tmp_path, batch=256, warmup=100, local_crops=4, steps=600,
-                              max_minutes=12.0, ship=12350)  # fmt: skip
+    args = _study_args(tmp_path, tmp_path, steps=600, ship=12350)
     decision = {"both": {"ships": True}, "supervised_x3": {"ships": True}, "both_lowres": {"ships": False}}
     backbone_study.ship(args, decision)
     assert [job.name for job in launched] == ["ship-both"]
@@ -366,14 +357,11 @@ def test_backbone_study_spreads_jobs_over_the_gpus(tmp_path):
 
 def test_backbone_study_low_resolution_arm_is_both_with_a_cheaper_first_phase(tmp_path):
     """both_lowres: the recipe of `both` with 112-px views for the first 3/4 of the schedule; `both` keeps 224."""
-    import argparse
-
-    import yaml
     from backbone_study import arm_config
 
     from l2l_peft.pretrain.config import load_config
 
-    args = argparse.Namespace(work=tmp_path, batch=256, warmup=100, local_crops=4, steps=800)
+    args = _study_args(tmp_path, tmp_path)
     low, full = (yaml.safe_load(arm_config(arm, args).read_text()) for arm in ("both_lowres", "both"))
     assert {k: v for k, v in low.items() if full.get(k) != v} == {"low_res_size": 112, "low_res_fraction": 0.75}
     assert load_config(arm_config("both_lowres", args)).low_res_size == 112  # a valid PretrainConfig
