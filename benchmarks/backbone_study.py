@@ -355,6 +355,11 @@ def analyse(work: Path, arms: list[str], reference: str = REFERENCE, earlier: Se
     datasets = sorted({d for d, _, _ in table})
     lines = [f"# Backbone objective study: {len(datasets)} held-out datasets, AUROC", ""]
     lines += [
+        "Intervals are over tasks, each fold's backbone fixed: pretraining noise is not in them (a rerun of",
+        "supervised_x3 moved its mean by up to 0.009: docs/pretraining.md, fifth run).",
+        "",
+    ]
+    lines += [
         "## Mean AUROC [95% bootstrap CI over tasks]",
         "",
         "| variant | " + " | ".join(f"{n}-shot" for n in SHOTS) + " |",
