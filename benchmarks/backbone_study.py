@@ -355,8 +355,8 @@ def analyse(work: Path, arms: list[str], reference: str = REFERENCE, earlier: Se
     datasets = sorted({d for d, _, _ in table})
     lines = [f"# Backbone objective study: {len(datasets)} held-out datasets, AUROC", ""]
     lines += [
-        "Intervals are over tasks, each fold's backbone fixed: pretraining noise is not in them (a rerun of",
-        "supervised_x3 moved its mean by up to 0.009: docs/pretraining.md, fifth run).",
+        "Intervals are over tasks, each fold's backbone fixed: pretraining noise is not in them (a rerun of one",
+        "arm moved its mean by up to 0.009: docs/pretraining.md, fifth run).",
         "",
     ]
     lines += [
@@ -444,7 +444,7 @@ def main() -> None:
         "--folds", choices=["three", "loo"], default="three",
         help="three folds of four datasets (one GPU) or leave-one-dataset-out (11 runs per arm: several GPUs)",
     )  # fmt: skip
-    parser.add_argument("--steps", type=int, default=1000, help="pretraining steps, every arm")
+    parser.add_argument("--steps", type=int, default=1000, help="pretraining steps (STEPS_FACTOR scales some arms)")
     parser.add_argument("--batch", type=int, default=256, help="pretraining images per step, every arm")
     parser.add_argument("--warmup", type=int, default=100, help="warm-up steps")
     parser.add_argument("--local-crops", type=int, default=4, help="DINO's small crops per image")
