@@ -3,7 +3,7 @@
 Samples a 5-shot task from real medical images: by default the blood-cell sample shipped with the
 package (l2l_peft/data/: 320 single-cell images of 8 types from the PBC dataset, CC BY 4.0; see its
 SOURCE.md), or any dataset of an npz folder in the layout of the development data (`--data-dir`).
-Writes the task as a challenge pickle, runs the CLI on it exactly as the container would, and
+Writes the task as a challenge pickle (kept only with --out-dir), runs the CLI on it exactly as the container would, and
 prints the output's shape, the query accuracy and AUROC, and whether the backbone's model card
 lists the dataset among its pretraining data (then the score is in-domain, not a transfer result).
 Uses the cache's default backbone; when there is none it builds a random-weight ViT and says so,
@@ -91,8 +91,6 @@ def backbone_note(dataset: str, work: Path) -> tuple[list[str], str]:
 
 def main(argv: list[str] | None = None) -> int:
     exit_without("experiments", "python -m l2l_peft.demo")
-    from .experiments.metrics import task_metrics
-
     parser = argparse.ArgumentParser(prog="python -m l2l_peft.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=SAMPLE_DATA, help=f"npz folder (development data: {DEV_DATA})")
     parser.add_argument("--dataset", default="pbc_blood_cells", help="dataset of --data-dir's manifest.json")
@@ -101,9 +99,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--time-budget", type=float, default=110.0, help="seconds for the CLI run (the demo stays under 2 minutes)"
     )
+    parser.add_argument(
+        "--out-dir", type=Path, help="keep the task and result pickles here (default: a temporary folder, removed)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(message)s")
-    work = Path(tempfile.mkdtemp(prefix="l2l_peft_demo_"))
+    if args.out_dir is not None:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        return run_demo(args, args.out_dir)
+    # Each run writes a ~36 MB task pickle: left in /tmp, repeated runs (and the test suite) fill the disk.
+    with tempfile.TemporaryDirectory(prefix="l2l_peft_demo_") as tmp:
+        return run_demo(args, Path(tmp))
+
+
+def run_demo(args: argparse.Namespace, work: Path) -> int:
+    from .experiments.metrics import task_metrics
+
     task, query_labels = sample_demo_task(args.data_dir, args.dataset, args.shots, args.seed)
     task_path, out_path = work / "task.pkl", work / "result.pkl"
     task_path.write_bytes(pickle.dumps(task))
@@ -120,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("output %s written to %s", tuple(probs.shape), out_path)
     logger.info("%s: query accuracy %.3f, AUROC %.3f (chance 0.5)", args.dataset, metrics["accuracy"], metrics["auroc"])
     logger.info(note)
+    if args.out_dir is None:
+        logger.info("the temporary folder is removed now; --out-dir DIR keeps the task and result pickles")
     return 0
 
 

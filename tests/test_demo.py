@@ -50,16 +50,32 @@ def test_pretraining_datasets_come_from_the_model_card(tmp_path):
     assert pretraining_datasets(tmp_path) is None  # no card
 
 
-def test_demo_runs_end_to_end_and_says_what_the_score_means(vit_dir):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "L2L_PEFT_MODEL": str(vit_dir)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "l2l_peft.demo", "--time-budget", "60"],
+def run_demo(vit_dir, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "L2L_PEFT_MODEL": str(vit_dir), "TMPDIR": str(tmp)}
+    return subprocess.run(
+        [sys.executable, "-m", "l2l_peft.demo", "--time-budget", "60", *args],
         check=False,
         capture_output=True,
         text=True,
         env=env,
         timeout=240,
     )
+
+
+def test_demo_runs_end_to_end_and_says_what_the_score_means(vit_dir, tmp_path):
+    proc = run_demo(vit_dir, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "pbc_blood_cells: query accuracy" in proc.stderr and "AUROC" in proc.stderr
     assert "its model card does not list its pretraining data" in proc.stderr
+    assert list((tmp_path / "tmp").iterdir()) == []  # its 36 MB task pickle does not outlive the run
+
+
+def test_demo_out_dir_keeps_the_task_and_its_result(vit_dir, tmp_path):
+    proc = run_demo(vit_dir, tmp_path, "--out-dir", str(tmp_path / "kept"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    task = load_task((tmp_path / "kept" / "task.pkl").read_bytes())
+    probs = pickle.loads((tmp_path / "kept" / "result.pkl").read_bytes())
+    assert probs.shape == (len(task.query_images), 4)
+    assert "removed now" not in proc.stderr
