@@ -25,6 +25,7 @@ from torchcross.data.task import Task, TaskDescription
 from . import cli
 from .cache import REPO_CACHE, BackboneError, resolve_model
 from .config import ENV_CACHE, ENV_MODEL
+from .container import environment
 from .data.datasets import load_npz_dir, to_challenge
 from .extras import exit_without
 from .task import challenge_task
@@ -91,6 +92,7 @@ def backbone_note(dataset: str, work: Path) -> tuple[list[str], str]:
 
 def main(argv: list[str] | None = None) -> int:
     exit_without("experiments", "python -m l2l_peft.demo")
+    environment.prepare()  # as the CLI would, before the demo's own steps import transformers (no loading bars)
     parser = argparse.ArgumentParser(prog="python -m l2l_peft.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=SAMPLE_DATA, help=f"npz folder (development data: {DEV_DATA})")
     parser.add_argument("--dataset", default="pbc_blood_cells", help="dataset of --data-dir's manifest.json")

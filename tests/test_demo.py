@@ -70,6 +70,7 @@ def test_demo_runs_end_to_end_and_says_what_the_score_means(vit_dir, tmp_path):
     assert "pbc_blood_cells: query accuracy" in proc.stderr and "AUROC" in proc.stderr
     assert "its model card does not list its pretraining data" in proc.stderr
     assert list((tmp_path / "tmp").iterdir()) == []  # its 36 MB task pickle does not outlive the run
+    assert "Loading weights" not in proc.stderr  # offline settings come before the demo imports transformers
 
 
 def test_demo_out_dir_keeps_the_task_and_its_result(vit_dir, tmp_path):
