@@ -96,6 +96,7 @@ def fit(data: TaskData, config: AdaptConfig, *, deadline: float | None = None) -
     report = train(
         model, objective, data.support_images, data.support_labels,
         config=config, accelerator=accelerator, deadline=deadline, predict_images=len(data.query_images),
+        unlabelled=data.query_images,
     )  # fmt: skip
     return Fitted(model, objective, accelerator, report, n_trainable, loaded)
 

@@ -127,6 +127,12 @@ class AdaptConfig:
     )
     min_steps: int = _help("lower bound on optimisation steps (max_steps wins when it is smaller)", default=20)
     augment: bool = _help("random flips, small affine jitter and contrast/brightness jitter", default=True)
+    transductive: float = _help(
+        "weight of an information term on the query images added to the support loss: mean prediction "
+        "entropy minus the entropy of the mean prediction (TIM, Boudiaf et al. 2020); each step then also "
+        "runs a batch of query images; 0 turns it off; regression has no such term",
+        default=0.0,
+    )
     head_init: HeadInit = _help(
         "head initialisation: prototype (class means of the support features) or zero", default=HeadInit.PROTOTYPE
     )
@@ -152,6 +158,10 @@ class AdaptConfig:
             raise ValueError(f"AdaptConfig.time_budget must be > 0 seconds, got {_short(self.time_budget)}")
         if self.lora_last_blocks is not None and self.lora_last_blocks < 1:
             raise ValueError(f"AdaptConfig.lora_last_blocks must be >= 1 or None, got {_short(self.lora_last_blocks)}")
+        if self.transductive and self.lora_last_blocks and self.prefix_views:
+            raise ValueError(
+                "AdaptConfig.transductive needs the query images every step: with lora_last_blocks set prefix_views=0"
+            )
         if self.lora_alpha <= 0:
             raise ValueError(f"AdaptConfig.lora_alpha must be > 0, got {_short(self.lora_alpha)}")
         for name in ("lora_dropout", "warmup_frac"):
@@ -186,7 +196,7 @@ class AdaptConfig:
 # lower bounds of numeric fields; anything below is an error, never clamped into range
 _AT_LEAST = {
     "max_steps": 1, "min_steps": 0, "lora_rank": 1, "batch_size": 1, "predict_batch_size": 1, "vpt_tokens": 1,
-    "prefix_views": 0, "lr_head": 0, "lr_adapter": 0, "weight_decay": 0, "epochs": 0,
+    "prefix_views": 0, "lr_head": 0, "transductive": 0, "lr_adapter": 0, "weight_decay": 0, "epochs": 0,
     "probe_l2": 0, "probe_max_iter": 1,
 }  # fmt: skip
 

@@ -16,6 +16,7 @@ from .task import TaskData, TaskError
 
 # pos_weight = negatives / positives, clipped so one positive among 100 does not dominate the loss
 _POS_WEIGHT_RANGE = (0.1, 10.0)
+_EPS = 1e-8  # inside the logarithm of an entropy: p log p -> 0 as p -> 0
 
 
 class Objective:
@@ -38,6 +39,28 @@ class Objective:
         """[N, n_logits] in [0, 1]: the expected `positives` under predicted probabilities."""
         return None
 
+    def information(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Mean prediction entropy minus the entropy of the mean prediction, to minimise on unlabelled
+        images (TIM, Boudiaf et al. 2020): confident answers, but spread over the classes, so that
+        the term cannot collapse every image onto one class. None where a target has no such term."""
+        return None
+
+
+def _categorical_information(probabilities: torch.Tensor) -> torch.Tensor:
+    def entropy(p: torch.Tensor) -> torch.Tensor:
+        return -(p * p.clamp(min=_EPS).log()).sum(-1)
+
+    return entropy(probabilities).mean() - entropy(probabilities.mean(0))
+
+
+def _bernoulli_information(probabilities: torch.Tensor) -> torch.Tensor:
+    """Per column (binary or multilabel) as for two classes, averaged over the columns."""
+
+    def entropy(p: torch.Tensor) -> torch.Tensor:
+        return -(p * p.clamp(min=_EPS).log() + (1 - p) * (1 - p).clamp(min=_EPS).log())
+
+    return entropy(probabilities).mean() - entropy(probabilities.mean(0)).mean()
+
 
 class Softmax(Objective):
     def __init__(self, n_classes: int) -> None:
@@ -54,6 +77,9 @@ class Softmax(Objective):
 
     def soft_positives(self, probabilities: torch.Tensor) -> torch.Tensor:
         return probabilities.float()
+
+    def information(self, logits: torch.Tensor) -> torch.Tensor:
+        return _categorical_information(self.probabilities(logits))
 
 
 class Sigmoid(Objective):
@@ -81,6 +107,9 @@ class Sigmoid(Objective):
 
     def soft_positives(self, probabilities: torch.Tensor) -> torch.Tensor:
         return probabilities.float()
+
+    def information(self, logits: torch.Tensor) -> torch.Tensor:
+        return _bernoulli_information(self.probabilities(logits))
 
 
 class Corn(Objective):
@@ -113,6 +142,9 @@ class Corn(Objective):
     def soft_positives(self, probabilities: torch.Tensor) -> torch.Tensor:
         """P(y > k) for k < n_logits: one minus the cumulative grade probabilities."""
         return (1 - probabilities.float().cumsum(-1)[:, : self.n_logits]).clamp(0, 1)
+
+    def information(self, logits: torch.Tensor) -> torch.Tensor:
+        return _categorical_information(self.probabilities(logits))
 
 
 class Regression(Objective):

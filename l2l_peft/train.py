@@ -71,11 +71,13 @@ def train(
     accelerator: Accelerator,
     deadline: float | None = None,
     predict_images: int = 0,
+    unlabelled: torch.Tensor | None = None,
 ) -> TrainReport:
     """Optimise the trainable parameters on the support set.
 
     With a deadline (time.monotonic() value), training stops when the measured step time says
-    another step plus predicting `predict_images` query images would overrun it.
+    another step plus predicting `predict_images` query images would overrun it. With
+    config.transductive, `unlabelled` images (the query) add the objective's information term.
     """
     start = time.monotonic()
     images, labels = images.to(accelerator.device), labels.to(accelerator.device)
@@ -84,7 +86,11 @@ def train(
     generator = torch.Generator(accelerator.device).manual_seed(config.seed)
     batches = prefix_batches(
         model, images, labels, batch=batch, config=config, autocast=accelerator.autocast, generator=generator
-    ) or SupportBatches(images, labels, batch=batch, generator=generator, augment=config.augment)
+    ) or SupportBatches(
+        images, labels, batch=batch, generator=generator, augment=config.augment, unlabelled=_unlabelled(
+            unlabelled, objective, config, accelerator.device
+        ),
+    )  # fmt: skip
     graphed = use_graphs(config.cuda_graphs, accelerator, batch)
     optimizer, scheduler = _optimizer(model, config, steps, device=accelerator.device, graphed=graphed)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
@@ -92,7 +98,10 @@ def train(
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with accelerator.autocast(), training_kernels():
-            loss = objective.loss(batches.logits(model, x), y)
+            logits = batches.logits(model, x)
+            loss = objective.loss(logits[: len(y)], y)
+            if len(logits) > len(y):  # the query batch behind the support's
+                loss = loss + config.transductive * objective.information(logits[len(y) :])
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(trainable, GRAD_CLIP)
         optimizer.step()
@@ -118,6 +127,18 @@ def train(
     seconds = time.monotonic() - start
     logger.debug("trained %d/%d steps of batch %d in %.2fs, loss %.4f", done, steps, batch, seconds, final)
     return TrainReport(done, steps, batch, final, seconds, stopped_early)
+
+
+def _unlabelled(
+    images: torch.Tensor | None, objective: Objective, config: AdaptConfig, device: torch.device
+) -> torch.Tensor | None:
+    """The query images for the transductive term, on the device; None when the term is off or undefined."""
+    if not config.transductive or images is None or len(images) == 0:
+        return None
+    if type(objective).information is Objective.information:  # the base class's: no term for this target
+        logger.info("transductive: the task target has no information term; training on the support alone")
+        return None
+    return images.to(device)
 
 
 def _optimizer(

@@ -37,6 +37,21 @@ def test_every_target_and_layout(vit_dir, tmp_path, target, layout):
     check_output(out, target, 9)
 
 
+@pytest.mark.parametrize("target", list(CLASSES))
+def test_transductive_term_for_every_target(vit_dir, target, caplog):
+    """The query batch joins each step wherever the target has the term; regression says it has none."""
+    task, _ = make_task(target)
+    with caplog.at_level("INFO", logger="l2l_peft.train"):
+        on = adapt(task, model=str(vit_dir), **FAST, method="lora", transductive=1.0)
+    check_output(on, target, 9)
+    off = adapt(task, model=str(vit_dir), **FAST, method="lora")
+    if target is TaskTarget.REGRESSION:
+        assert "no information term" in caplog.text
+        torch.testing.assert_close(on, off)
+    else:
+        assert not torch.allclose(on, off)  # the query changed training
+
+
 @pytest.mark.parametrize("family", ["vit", "dinov2", "clip", "siglip", "deit", "swin"])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_families_and_channels(model_dirs, family, channels):

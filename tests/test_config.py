@@ -50,6 +50,7 @@ def test_cli_choices_come_from_the_enums():
         ("lora_dropout", 1.0),
         ("lora_dropout", -0.1),
         ("warmup_frac", 1.0),
+        ("transductive", -0.5),
     ],
 )
 def test_out_of_range_is_an_error_not_clamped(field, value):
@@ -63,3 +64,10 @@ def test_max_steps_caps_min_steps_without_rewriting_it():
     assert config.min_steps == 20  # kept as given, not clamped
     assert plan(10, config) == (10, 5)
     assert plan(10, AdaptConfig(max_steps=100, min_steps=30, epochs=1.0)) == (10, 30)
+
+
+def test_transductive_needs_images_every_step():
+    """The query batch rides with the support images; the cached-prefix path has no images to add it to."""
+    with pytest.raises(ValueError, match="AdaptConfig.transductive needs the query images every step"):
+        AdaptConfig(transductive=0.5, lora_last_blocks=2)
+    AdaptConfig(transductive=0.5, lora_last_blocks=2, prefix_views=0)  # blocks run every step: fine

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torchcross.data.task import TaskTarget
 
@@ -55,3 +57,28 @@ def test_prototype_head_init_separates_support_classes():
     head = Head(16, 3)
     head.init_from_prototypes(features, torch.nn.functional.one_hot(labels, 3).bool())
     assert (head(features).argmax(1) == labels).all()
+
+
+def test_information_rewards_confident_answers_spread_over_the_classes():
+    """TIM's term: lowest for confident, varied predictions; collapse onto one class is no better than chance."""
+    for objective, n in [(build_objective(TaskTarget.MULTICLASS_CLASSIFICATION, {0: "a", 1: "b"}, None), 2),
+                         (Sigmoid(torch.tensor([[0.0], [1.0]])), 1)]:  # fmt: skip
+        if n == 2:
+            varied = torch.tensor([[9.0, -9.0], [-9.0, 9.0]] * 4)
+            collapsed, unsure = torch.tensor([[9.0, -9.0]] * 8), torch.zeros(8, 2)
+        else:
+            varied, collapsed, unsure = torch.tensor([[9.0], [-9.0]] * 4), torch.full((8, 1), 9.0), torch.zeros(8, 1)
+        low, high = objective.information(varied), objective.information(collapsed)
+        torch.testing.assert_close(low, torch.tensor(-math.log(2)), atol=5e-3, rtol=0)
+        torch.testing.assert_close(high, torch.tensor(0.0), atol=5e-3, rtol=0)
+        torch.testing.assert_close(objective.information(unsure), torch.tensor(0.0), atol=1e-6, rtol=0)
+
+
+def test_information_of_ordinal_grades_and_none_for_regression():
+    corn = Corn(3)
+    varied = torch.tensor([[-9.0, -9.0], [9.0, -9.0], [9.0, 9.0]])  # one image per grade
+    torch.testing.assert_close(corn.information(varied), torch.tensor(-math.log(3)), atol=5e-3, rtol=0)
+    logits = torch.randn(6, 2, requires_grad=True)
+    corn.information(logits).backward()
+    assert torch.isfinite(logits.grad).all()
+    assert Regression(torch.tensor([1.0, 2.0])).information(torch.zeros(2, 1)) is None
