@@ -119,8 +119,10 @@ def candidates() -> dict[str, Candidate]:
         stored("lora", tta=True), stored("lora_all", tta=True), stored("full", tta=True)
     )
     out["lora+probe"] = mean_of(stored("lora"), frozen_rule("probe"))
-    for name in ("lora_lr3e-3", "lora_long", "full_lr1e-4"):
+    for name in ("lora_lr3e-3", "lora_long", "full_lr1e-4", "lora_tim", "lora_tim0.3", "full_tim"):
         out[name] = stored(name)
+    out["lora_tim+full_tim"] = mean_of(stored("lora_tim"), stored("full_tim"))
+    out["lora_tim+full"] = mean_of(stored("lora_tim"), stored("full"))
     out["lora_lr3e-3+full"] = mean_of(stored("lora_lr3e-3"), stored("full"))
     out["lora_long+full"] = mean_of(stored("lora_long"), stored("full"))
     out["lora+full_lr1e-4"] = mean_of(stored("lora"), stored("full_lr1e-4"))

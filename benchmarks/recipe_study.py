@@ -47,6 +47,10 @@ RECIPES: dict[str, dict] = {
     "lora_lr3e-3": {"method": "lora", "lr_adapter": 3e-3},
     "lora_long": {"method": "lora", "epochs": 100.0, "max_steps": 200},
     "full_lr1e-4": {"method": "full", "lr_adapter": 1e-4},
+    # the transductive information term (AdaptConfig.transductive) at its weight
+    "lora_tim": {"method": "lora", "transductive": 1.0},
+    "lora_tim0.3": {"method": "lora", "transductive": 0.3},
+    "full_tim": {"method": "full", "transductive": 1.0},
 }
 FEATURES_OF = "lora"  # the recipe whose adapted features are kept for transductive rules
 

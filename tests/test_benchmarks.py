@@ -141,11 +141,12 @@ def test_recipe_study_and_analysis_run_end_to_end(tmp_path, vit_dir):
     save_npz_dataset(data, "spots", level_images(labels, (12, 12), 120, rng), labels, "binary")
     out = tmp_path / "study"
     study = ["--data", str(data), "--datasets", "spots", "--out", str(out), "--model", str(vit_dir)]
-    study += ["--shots", "2", "--tasks", "2", "--query-per-class", "3", "--recipes", "lora", "head"]
+    study += ["--shots", "2", "--tasks", "2", "--query-per-class", "3", "--recipes", "lora", "head", "lora_tim"]
     run_script("benchmarks/recipe_study.py", *study, timeout=300)
-    analysis = [str(out), "--only", "lora", "head", "prototypes"]
+    analysis = [str(out), "--only", "lora", "head", "prototypes", "lora_tim"]
     proc = run_script("benchmarks/recipe_analysis.py", *analysis, timeout=300)
     assert "2 tasks" in proc.stdout and "| head |" in proc.stdout and "| prototypes |" in proc.stdout
+    assert "| lora_tim |" in proc.stdout
 
 
 def test_layer_features_pairs_every_layer_set_with_the_last_layer(tmp_path, vit_dir):
@@ -481,3 +482,46 @@ def test_device_script_starts_the_study_detached_and_brings_back_results_without
                               "2"], "data": ["d1.npz", "pack.py"]}  # fmt: skip
     with tarfile.open(out / "ship_x.tgz") as archive:
         assert sorted(archive.getnames()) == [".", "./README.md", "./model.safetensors"]
+
+
+STUB_RECIPE_STUDY = """
+import json, pathlib, sys
+UNSEEN = ["d1", "d2"]
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    out = pathlib.Path(args[args.index("--out") + 1])
+    out.mkdir(parents=True)
+    (out / "args.json").write_text(json.dumps(args))
+    print("done 1 of 1 tasks")
+"""
+
+
+@pytest.mark.skipif(not shutil.which("bash"), reason="needs bash")
+def test_recipe_device_script_runs_one_study_per_unseen_dataset(tmp_path):
+    """Wheels installed, the pack unpacked, then recipe_study.py once per dataset of its UNSEEN list, each with the
+    minutes and the arguments given, its raw predictions under $OUT/study/DATASET and its log in $OUT."""
+    project, root, out = tmp_path / "project", tmp_path / "root", tmp_path / "out"
+    (project / "benchmarks").mkdir(parents=True)
+    shutil.copy(REPO / "benchmarks" / "recipe_study_device.sh", project / "benchmarks")
+    (project / "benchmarks" / "recipe_study.py").write_text(STUB_RECIPE_STUDY)
+    (project / ".whl").mkdir()
+    _stub_wheel(project / ".whl")
+    pack = project / ".devdata" / "all"
+    pack.mkdir(parents=True)
+    (pack / "pack.py").write_text(STUB_PACK)
+    out.mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'stub GPU, 1 MiB'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "DEVICE_ROOT": str(root)}
+    command = ["bash", "benchmarks/recipe_study_device.sh", "3", "--shots", "5", "--recipes", "lora"]
+    proc = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (root / "site" / "stubpkg" / "__init__.py").is_file() and (root / "data" / "pack.py").is_file()
+    for dataset in ("d1", "d2"):
+        args = json.loads((out / "study" / dataset / "args.json").read_text())
+        assert args == ["--data", str(root / "data"), "--out", str(out / "study" / dataset), "--datasets", dataset,
+                        "--max-minutes", "3", "--shots", "5", "--recipes", "lora"]  # fmt: skip
+        assert "done 1 of 1" in (out / f"{dataset}.log").read_text()
