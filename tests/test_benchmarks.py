@@ -499,7 +499,10 @@ if __name__ == "__main__":
 @pytest.mark.skipif(not shutil.which("bash"), reason="needs bash")
 def test_recipe_device_script_runs_one_study_per_unseen_dataset(tmp_path):
     """Wheels installed, the pack unpacked, then recipe_study.py once per dataset of its UNSEEN list, each with the
-    minutes and the arguments given, its raw predictions under $OUT/study/DATASET and its log in $OUT."""
+    minutes and the arguments given; the raw predictions and the logs come back as two archives (a call returns at
+    most 8 files)."""
+    import tarfile
+
     project, root, out = tmp_path / "project", tmp_path / "root", tmp_path / "out"
     (project / "benchmarks").mkdir(parents=True)
     shutil.copy(REPO / "benchmarks" / "recipe_study_device.sh", project / "benchmarks")
@@ -520,8 +523,10 @@ def test_recipe_device_script_runs_one_study_per_unseen_dataset(tmp_path):
     proc = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (root / "site" / "stubpkg" / "__init__.py").is_file() and (root / "data" / "pack.py").is_file()
-    for dataset in ("d1", "d2"):
-        args = json.loads((out / "study" / dataset / "args.json").read_text())
-        assert args == ["--data", str(root / "data"), "--out", str(out / "study" / dataset), "--datasets", dataset,
-                        "--max-minutes", "3", "--shots", "5", "--recipes", "lora"]  # fmt: skip
-        assert "done 1 of 1" in (out / f"{dataset}.log").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["logs.tgz", "study.tgz"]
+    with tarfile.open(out / "study.tgz") as study, tarfile.open(out / "logs.tgz") as logs:
+        for dataset in ("d1", "d2"):
+            args = json.load(study.extractfile(f"study/{dataset}/args.json"))
+            assert args == ["--data", str(root / "data"), "--out", str(root / "study" / dataset), "--datasets",
+                            dataset, "--max-minutes", "3", "--shots", "5", "--recipes", "lora"]  # fmt: skip
+            assert "done 1 of 1" in logs.extractfile(f"./{dataset}.log").read().decode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -113,6 +114,32 @@ def test_cuda_graph_trains_like_eager(vit_dir, target, last_blocks):
     eager = run(task, model=str(vit_dir), cuda_graphs=False, **common)
     assert graphed.train.final_loss == pytest.approx(eager.train.final_loss, rel=2e-2, abs=1e-3)
     torch.testing.assert_close(graphed.probabilities, eager.probabilities, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_failed_capture_falls_back_to_eager_steps_with_dropout():
+    """A step that cannot be captured (here: a host sync) trains on eagerly, dropout's RNG included."""
+    from l2l_peft.speed.graphs import GraphedStep
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 1)).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3, device="cuda"), capturable=True)
+    calls = {"n": 0}
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        loss = torch.nn.functional.mse_loss(model(x)[:, 0], y)
+        if calls["n"] == 4:  # the capture: a host sync is not allowed there
+            loss.item()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    runner = GraphedStep(step, optimizer)
+    x, y = torch.randn(16, 8, device="cuda"), torch.randn(16, device="cuda")
+    losses = [float(runner(x, y)) for _ in range(8)]
+    assert runner.failed and runner.graph is None and calls["n"] == 9  # the failed capture's call ran again eagerly
+    assert all(map(math.isfinite, losses))
 
 
 @pytest.mark.parametrize("family", ["vit", "dinov2", "clip", "siglip", "swin"])

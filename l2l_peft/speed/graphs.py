@@ -75,9 +75,20 @@ class GraphedStep(EagerStep):
             logger.warning("CUDA graph capture failed, training eagerly: %s", str(err).splitlines()[0])
             self.failed = True
             self.optimizer.zero_grad(set_to_none=True)
+            _release_rng_from_capture(x.device)
             return False
         self.graph = graph
         return True
+
+
+def _release_rng_from_capture(device: torch.device) -> None:
+    """A capture that fails ends before the CUDA generator leaves capture mode, and the next eager dropout
+    then raises "Offset increment outside graph capture" (seen on an H200, torch 2.11, 2026-12-02). Give
+    the generator a fresh state at the same seed and offset."""
+    generator = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    fresh = torch.Generator(device=device)
+    fresh.set_state(generator.get_state())
+    generator.graphsafe_set_state(fresh.graphsafe_get_state())
 
 
 def use_graphs(enabled: bool, accelerator: Accelerator, batch: int) -> bool:
