@@ -438,6 +438,27 @@ def _stub_wheel(path: Path) -> None:
             wheel.writestr(name, text)
 
 
+def _device_project(tmp_path: Path, script: str, study: str, stub: str, pack: str) -> tuple[Path, dict[str, str]]:
+    """A project with the device script, a stub study, a stub wheel and a stub pack; the environment to run it in
+    (python3 = this interpreter, nvidia-smi answering like the device's, OUT and DEVICE_ROOT under tmp_path)."""
+    project = tmp_path / "project"
+    (project / "benchmarks").mkdir(parents=True)
+    shutil.copy(REPO / "benchmarks" / script, project / "benchmarks")
+    (project / "benchmarks" / study).write_text(stub)
+    (project / ".whl").mkdir()
+    _stub_wheel(project / ".whl")
+    (project / pack).mkdir(parents=True)
+    (project / pack / "pack.py").write_text(STUB_PACK)
+    (tmp_path / "out").mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'stub GPU, 1 MiB'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
+    return project, os.environ | env | {"DEVICE_ROOT": str(tmp_path / "root")}
+
+
 DEVICE_TOOLS = ("bash", "setsid", "pgrep", "tar")
 
 
@@ -448,25 +469,13 @@ def test_device_script_starts_the_study_detached_and_brings_back_results_without
     model without its checkpoint."""
     import tarfile
 
-    project, root, out = tmp_path / "project", tmp_path / "root", tmp_path / "out"
-    (project / "benchmarks").mkdir(parents=True)
-    shutil.copy(REPO / "benchmarks" / "backbone_study_device.sh", project / "benchmarks")
-    (project / "benchmarks" / "backbone_study.py").write_text(STUB_STUDY)
-    (project / ".whl").mkdir()
-    _stub_wheel(project / ".whl")
-    pack = project / ".devdata" / "q85"
-    pack.mkdir(parents=True)
-    (pack / "pack.py").write_text(STUB_PACK)
-    (pack / "d1.npz").write_bytes(b"npz")
+    project, env = _device_project(
+        tmp_path, "backbone_study_device.sh", "backbone_study.py", STUB_STUDY, ".devdata/q85"
+    )
+    root, out = tmp_path / "root", tmp_path / "out"
+    (project / ".devdata" / "q85" / "d1.npz").write_bytes(b"npz")
     (project / ".git").mkdir()
-    out.mkdir()
-    bin_dir = tmp_path / "bin"  # python3 = this interpreter; nvidia-smi answers like the device's
-    bin_dir.mkdir()
-    (bin_dir / "python3").symlink_to(sys.executable)
-    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'stub GPU, 1 MiB'\n")
-    (bin_dir / "nvidia-smi").chmod(0o755)
-    env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "DEVICE_ROOT": str(root),
-                        "PACK": ".devdata/q85", "POLL_EVERY": "1"}  # fmt: skip
+    env |= {"PACK": ".devdata/q85", "POLL_EVERY": "1"}
     command = ["bash", "benchmarks/backbone_study_device.sh", "start", "30", "--arms", "x", "--steps", "2"]
     proc = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -503,22 +512,10 @@ def test_recipe_device_script_runs_one_study_per_unseen_dataset(tmp_path):
     most 8 files)."""
     import tarfile
 
-    project, root, out = tmp_path / "project", tmp_path / "root", tmp_path / "out"
-    (project / "benchmarks").mkdir(parents=True)
-    shutil.copy(REPO / "benchmarks" / "recipe_study_device.sh", project / "benchmarks")
-    (project / "benchmarks" / "recipe_study.py").write_text(STUB_RECIPE_STUDY)
-    (project / ".whl").mkdir()
-    _stub_wheel(project / ".whl")
-    pack = project / ".devdata" / "all"
-    pack.mkdir(parents=True)
-    (pack / "pack.py").write_text(STUB_PACK)
-    out.mkdir()
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python3").symlink_to(sys.executable)
-    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'stub GPU, 1 MiB'\n")
-    (bin_dir / "nvidia-smi").chmod(0o755)
-    env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "DEVICE_ROOT": str(root)}
+    project, env = _device_project(
+        tmp_path, "recipe_study_device.sh", "recipe_study.py", STUB_RECIPE_STUDY, ".devdata/all"
+    )
+    root, out = tmp_path / "root", tmp_path / "out"
     command = ["bash", "benchmarks/recipe_study_device.sh", "3", "--shots", "5", "--recipes", "lora"]
     proc = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
