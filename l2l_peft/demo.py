@@ -3,9 +3,10 @@
 Samples a 5-shot task from real medical images: by default the blood-cell sample shipped with the
 package (l2l_peft/data/: 320 single-cell images of 8 types from the PBC dataset, CC BY 4.0; see its
 SOURCE.md), or any dataset of an npz folder in the layout of the development data (`--data-dir`).
-Writes the task as a challenge pickle (kept only with --out-dir), runs the CLI on it exactly as the container would, and
-prints the output's shape, the query accuracy and AUROC, and whether the backbone's model card
-lists the dataset among its pretraining data (then the score is in-domain, not a transfer result).
+Writes the task as a challenge pickle (kept only with --out-dir), runs the CLI on it exactly as the
+container would, and prints the output's shape, the query accuracy and AUROC, and whether the
+backbone's model card lists the dataset among its pretraining data (then the score is in-domain,
+not a transfer result).
 Uses the cache's default backbone; when there is none it builds a random-weight ViT and says so,
 since its numbers then mean nothing.
 """
