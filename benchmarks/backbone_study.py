@@ -56,7 +56,7 @@ ARMS = {
     "supervised_x3": "configs/pretrain/vit_tiny_med.yaml",  # with STEPS_FACTOR's longer schedule
     "ssl": "configs/pretrain/vit_tiny_ssl.yaml",
     "both": "configs/pretrain/vit_tiny_both.yaml",
-    "both_small": "configs/pretrain/vit_small_both.yaml",  # size (item 4); its random reference is still the tiny init
+    "both_small": "configs/pretrain/vit_tiny_both.yaml",  # size (item 4): `both` on ViT-small (ARM_SETTINGS)
     "proc_both": "configs/pretrain/vit_tiny_both.yaml",  # item 3: the same, continued from STAGE_ONE's backbone
     "both_lowres": "configs/pretrain/vit_tiny_both.yaml",  # the same, with the cheaper first phase of ARM_SETTINGS
     "supervised_small": "configs/pretrain/vit_tiny_med.yaml",  # size (item 4): the supervised recipe on ViT-small
@@ -64,10 +64,11 @@ ARMS = {
 # settings an arm changes in its config: both_lowres sees 112-px views (49 patches, not 196) for the first 3/4 of
 # its schedule; at equal steps it costs 0.45 of `both`'s FLOPs (bench_pretrain.py --flops) but 0.75 of its time on
 # one H200 (bench_pretrain.py, batched augmentation: small steps use the GPU less well)
-# supervised_small: ViT-small/16 (21.7 M parameters, 43 MB in bf16) with the current recipe
+# the *_small arms: ViT-small/16 (21.7 M parameters, 43 MB in bf16); their random reference is still the tiny init
 ARM_SETTINGS = {
     "both_lowres": {"low_res_size": 112, "low_res_fraction": 0.75},
     "supervised_small": {"model_size": "small", "name": "l2l-vit-small-med"},
+    "both_small": {"model_size": "small", "name": "l2l-vit-small-med-both"},
 }
 # arms whose length is not --steps, to match work (bench_pretrain.py --flops, per image of a step, supervised ViT-tiny
 # = 1): supervised_x3 does about the work of `both` (3.44) at --steps, the compute-matched reference of run 4;

@@ -306,6 +306,8 @@ def test_backbone_study_compute_matched_reference(tmp_path):
     )
     assert x3 == plain  # the same recipe, only longer
     assert small == plain | {"model_size": "small", "name": "l2l-vit-small-med"}  # ... on ViT-small, 3/4 as long
+    both, both_small = (yaml.safe_load(backbone_study.arm_config(a, args).read_text()) for a in ("both", "both_small"))
+    assert both_small == both | {"model_size": "small", "name": "l2l-vit-small-med-both"}  # one size knob for both
     arms = ["supervised", "supervised_x3", "both"]
     zero = {f"{p}_{a}": 0.0 for p in ("adapt", "probe") for a in [*arms, "random"]}
     _study_rows(tmp_path / "eval" / "d1", "d1", zero | {"adapt_both": 0.05, "adapt_supervised_x3": 0.04})
