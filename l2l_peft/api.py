@@ -80,6 +80,8 @@ def fit(data: TaskData, config: AdaptConfig, *, deadline: float | None = None) -
     model = build_classifier(extractor, objective, config).to(accelerator.device)
     n_trainable = trainable_parameters([model])
     if config.methods[0] in FEATURE_METHODS:
+        if config.transductive:
+            logger.info("transductive: %s fits its head on the support features alone", config.method)
         fit_head(model, objective, data.support_images, data.support_labels, config=config, accelerator=accelerator)
         return Fitted(model, objective, accelerator, None, n_trainable, loaded)
     if accelerator.mixed_precision == "bf16":

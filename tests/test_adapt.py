@@ -52,6 +52,14 @@ def test_transductive_term_for_every_target(vit_dir, target, caplog):
         assert not torch.allclose(on, off)  # the query changed training
 
 
+def test_transductive_term_says_where_it_does_not_apply(vit_dir, caplog):
+    """The frozen-feature methods fit no network on images: the weight is logged as unused, not silently dropped."""
+    task, _ = make_task()
+    with caplog.at_level("INFO", logger="l2l_peft.api"):
+        adapt(task, model=str(vit_dir), cpu=True, method="prototypes", transductive=1.0)
+    assert "transductive: prototypes fits its head on the support features alone" in caplog.text
+
+
 @pytest.mark.parametrize("family", ["vit", "dinov2", "clip", "siglip", "deit", "swin"])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_families_and_channels(model_dirs, family, channels):

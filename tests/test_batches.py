@@ -9,12 +9,12 @@ import torch
 from l2l_peft.batches import SupportBatches
 
 
-def batches(n_query: int, **kwargs) -> SupportBatches:
+def batches(n_query: int) -> SupportBatches:
     images = torch.arange(10.0).reshape(10, 1, 1, 1).expand(10, 1, 4, 4)  # pixel value = support index
     query = 100 + torch.arange(float(n_query)).reshape(-1, 1, 1, 1).expand(n_query, 1, 4, 4)
     return SupportBatches(
         images, torch.arange(10), batch=4, generator=torch.Generator().manual_seed(0), augment=False,
-        unlabelled=query, **kwargs,
+        unlabelled=query,
     )  # fmt: skip
 
 

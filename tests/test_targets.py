@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torchcross.data.task import TaskTarget
 
 from l2l_peft.head import Head
-from l2l_peft.targets import Corn, Regression, Sigmoid, build_objective
+from l2l_peft.targets import Corn, Regression, Sigmoid, Softmax, build_objective
 
 
 def test_corn_probabilities_are_a_distribution_and_ordered():
@@ -59,19 +60,20 @@ def test_prototype_head_init_separates_support_classes():
     assert (head(features).argmax(1) == labels).all()
 
 
-def test_information_rewards_confident_answers_spread_over_the_classes():
+@pytest.mark.parametrize(
+    "objective, varied, collapsed",
+    [
+        (Softmax(2), [[9.0, -9.0], [-9.0, 9.0]], [[9.0, -9.0]]),
+        (Sigmoid(torch.tensor([[0.0], [1.0]])), [[9.0], [-9.0]], [[9.0]]),
+    ],
+)
+def test_information_rewards_confident_answers_spread_over_the_classes(objective, varied, collapsed):
     """TIM's term: lowest for confident, varied predictions; collapse onto one class is no better than chance."""
-    for objective, n in [(build_objective(TaskTarget.MULTICLASS_CLASSIFICATION, {0: "a", 1: "b"}, None), 2),
-                         (Sigmoid(torch.tensor([[0.0], [1.0]])), 1)]:  # fmt: skip
-        if n == 2:
-            varied = torch.tensor([[9.0, -9.0], [-9.0, 9.0]] * 4)
-            collapsed, unsure = torch.tensor([[9.0, -9.0]] * 8), torch.zeros(8, 2)
-        else:
-            varied, collapsed, unsure = torch.tensor([[9.0], [-9.0]] * 4), torch.full((8, 1), 9.0), torch.zeros(8, 1)
-        low, high = objective.information(varied), objective.information(collapsed)
-        torch.testing.assert_close(low, torch.tensor(-math.log(2)), atol=5e-3, rtol=0)
-        torch.testing.assert_close(high, torch.tensor(0.0), atol=5e-3, rtol=0)
-        torch.testing.assert_close(objective.information(unsure), torch.tensor(0.0), atol=1e-6, rtol=0)
+    varied, collapsed = torch.tensor(varied * 4), torch.tensor(collapsed * 8)
+    torch.testing.assert_close(objective.information(varied), torch.tensor(-math.log(2)), atol=5e-3, rtol=0)
+    torch.testing.assert_close(objective.information(collapsed), torch.tensor(0.0), atol=5e-3, rtol=0)
+    unsure = torch.zeros_like(collapsed)
+    torch.testing.assert_close(objective.information(unsure), torch.tensor(0.0), atol=1e-6, rtol=0)
 
 
 def test_information_of_ordinal_grades_and_none_for_regression():
