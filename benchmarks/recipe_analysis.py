@@ -39,10 +39,11 @@ def load(dirs: list[Path]) -> list[Record]:
     for d in dirs:
         for path in sorted(d.glob("**/study_*.pt")):
             for record in torch.load(path, weights_only=False):
-                if record["key"] in by_key:
-                    by_key[record["key"]]["runs"].update(record["runs"])
-                else:
-                    by_key[record["key"]] = record
+                merged = by_key.setdefault(record["key"], record)
+                if merged is not record:  # another process's recipes (or backbone) on the same task
+                    merged["runs"].update(record["runs"])
+                    for name, value in record.items():
+                        merged.setdefault(name, value)
     return list(by_key.values())
 
 
@@ -144,6 +145,16 @@ def candidates() -> dict[str, Candidate]:
     return out
 
 
+def resolve(name: str, known: dict[str, Candidate]) -> Candidate:
+    """A named candidate, else a stored run, else `a+b+...`: the mean probabilities of candidates or stored runs."""
+    if name in known:
+        return known[name]
+    parts = name.split("+")
+    if len(parts) == 1:
+        return stored(name)
+    return mean_of(*(resolve(part, known) for part in parts))
+
+
 def table(
     scores: dict[str, dict[str, float]], records: list[Record], reference: str, group: Callable[[Record], object]
 ) -> str:
@@ -171,13 +182,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", type=Path)
     parser.add_argument("--reference", default="lora")
-    parser.add_argument("--only", nargs="*", help="candidate names to score (default: all)")
+    parser.add_argument(
+        "--only", nargs="*", help="candidates to score (default: all): named ones, stored runs, or `a+b` ensembles"
+    )
     parser.add_argument("--per-dataset", action="store_true")
+    parser.add_argument("--shots", nargs="*", type=int, help="score only tasks of these shot counts")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)
-    records = load(args.dirs)
-    chosen = {k: v for k, v in candidates().items() if not args.only or k in args.only or k == args.reference}
+    records = [r for r in load(args.dirs) if not args.shots or r["shots"] in args.shots]
+    known = candidates()
+    chosen = {k: resolve(k, known) for k in [args.reference, *(args.only or [])]} if args.only else known
     scores: dict[str, dict[str, float]] = defaultdict(dict)
     for r in records:
         target = TaskTarget[r["target"]]

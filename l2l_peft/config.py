@@ -117,6 +117,12 @@ class AdaptConfig:
     vpt_tokens: int = _help("prompt tokens per layer for visual prompt tuning", default=8)
     lr_head: float = _help("AdamW learning rate of the head", default=5e-3)
     lr_adapter: float = _help("AdamW learning rate of the adapter parameters", default=1e-3)
+    layer_decay: float = _help(
+        "layer-wise learning-rate decay of the backbone's trainable parameters: block i of L trains at "
+        "lr_adapter * layer_decay ** (L - i), the embeddings one factor lower still, the final norm at lr_adapter; "
+        "1 gives every layer the same rate (keeps early, general features close to pretraining under full fine-tuning)",
+        default=1.0,
+    )
     weight_decay: float = _help("AdamW weight decay (adapters and head)", default=1e-4)
     warmup_frac: float = _help("fraction of steps with linear warm-up before the cosine decay", default=0.1)
     batch_size: int = _help("support images per step (the whole support when smaller)", default=32)
@@ -164,6 +170,8 @@ class AdaptConfig:
             )
         if self.lora_alpha <= 0:
             raise ValueError(f"AdaptConfig.lora_alpha must be > 0, got {_short(self.lora_alpha)}")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"AdaptConfig.layer_decay must be in (0, 1], got {_short(self.layer_decay)}")
         for name in ("lora_dropout", "warmup_frac"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"AdaptConfig.{name} must be in [0, 1), got {_short(getattr(self, name))}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 
@@ -150,16 +151,33 @@ def _optimizer(
     rates, which the scheduler updates in place (speed/graphs.py).
     """
     head_params = [p for p in model.head.parameters() if p.requires_grad]
-    other_params = [p for p in model.extractor.parameters() if p.requires_grad]
     lr = (lambda v: torch.tensor(v, device=device)) if graphed else float
     groups = [{"params": head_params, "lr": lr(config.lr_head)}]
-    if other_params:
-        groups.append({"params": other_params, "lr": lr(config.lr_adapter)})
+    for scale, params in _by_depth(model, config.layer_decay).items():
+        groups.append({"params": params, "lr": lr(config.lr_adapter * scale)})
     optimizer = torch.optim.AdamW(
         groups, weight_decay=config.weight_decay, fused=device.type == "cuda", capturable=graphed
     )
     warmup = max(1, round(config.warmup_frac * steps))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps, warmup))
+
+
+_BLOCK_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def _by_depth(model: Classifier, decay: float) -> dict[float, list[torch.nn.Parameter]]:
+    """The backbone's trainable parameters grouped by learning-rate scale: decay ** (L + 1 - depth), with
+    depth 0 for the embeddings, i + 1 for block i, L + 1 for what follows the blocks (final norm)."""
+    named = [(n, p) for n, p in model.extractor.named_parameters() if p.requires_grad]
+    if decay == 1:
+        return {1.0: [p for _, p in named]} if named else {}
+    index = {n: int(m.group(1)) for n, _ in named if (m := _BLOCK_INDEX.search(n))}
+    top = 1 + max(index.values(), default=-1)
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, param in named:
+        depth = index[name] + 1 if name in index else 0 if "embed" in name else top + 1
+        groups.setdefault(decay ** (top + 1 - depth), []).append(param)
+    return groups
 
 
 def _out_of_time(start: float, done: int, batch: int, predict_images: int, deadline: float) -> bool:
