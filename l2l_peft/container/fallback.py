@@ -41,6 +41,7 @@ class Attempt:
 def smaller(config: AdaptConfig, *, diverged: bool) -> AdaptConfig:
     """Half the batch and steps (OOM, slowness), the ensemble's first method only; fp32 as well when
     the loss became NaN/inf."""
+    config = config.concrete()
     return dataclasses.replace(
         config,
         method=config.methods[0].value,
