@@ -3,10 +3,10 @@
     python benchmarks/bench_adapt.py --out runs/bench_adapt          # the GPU run (a few minutes)
     python benchmarks/bench_adapt.py --smoke --out /tmp/bench          # tiny models, CPU, seconds
 
-Backbones are ViT-S/16, ViT-B/16 and ViT-L/16 with random weights (speed does not depend on the
-weights), saved once as local model directories. Each row reports the in-process adapt() split
-(load / adapt / predict, from api.run's timings), training images/s, achieved training TFLOP/s
-(FLOPs of one training step counted by torch.utils.flop_counter, times steps, over the training
+Backbones are DINOv2 ViT-S/14 (the default's architecture), ViT-S/16, ViT-B/16 and ViT-L/16 with random
+weights (speed does not depend on the weights), saved once as local model directories. Each row reports
+the in-process adapt() split (load / adapt / predict, from api.run's timings), training images/s, achieved
+training TFLOP/s (FLOPs of one training step counted by torch.utils.flop_counter, times steps, over the training
 wall time, warm-up and graph capture included) as a fraction of a bf16 8192^3 matmul measured in
 the same run, and peak GPU memory. CLI rows time `python -m l2l_peft` from process start to
 output written, `--cli-runs` processes each with a bytecode cache the first one fills; with
@@ -179,14 +179,15 @@ def run_reference(
 ) -> Row:
     import peft
     from accelerate import Accelerator
-    from transformers import ViTModel
+    from transformers import AutoModel
 
     fresh_accelerate()
     reset_memory()
     start = time.perf_counter()
     accelerator = Accelerator(mixed_precision=ref.precision if ref.precision != "fp32" else "no")
     device = accelerator.device
-    backbone = ViTModel.from_pretrained(model_dir, add_pooling_layer=False, attn_implementation=ref.attention)
+    pooler = {} if arch.startswith("dinov2") else {"add_pooling_layer": False}  # DINOv2 has no pooler
+    backbone = AutoModel.from_pretrained(model_dir, attn_implementation=ref.attention, **pooler)
     lora = peft.LoraConfig(r=16, lora_alpha=32, target_modules=find_target_modules(backbone, "qv"))
     backbone = peft.get_peft_model(backbone, lora)
     head = torch.nn.Linear(backbone.config.hidden_size, len(CLASSES))
@@ -255,8 +256,16 @@ def plan(smoke: bool) -> tuple[list[tuple], list[tuple], list[tuple]]:
             [("smoke reference", "tiny", 10, 20, Reference(steps=3))],
             [("smoke cli", "tiny", 10, 20, ["--max-steps", "3"])],
         )
-    adapt = [(f"default {a} s{s}", a, s, 500, {}) for a in ("vit-s16", "vit-b16", "vit-l16") for s in (10, 50, 200)]
+    archs = ("dinov2-s14", "vit-s16", "vit-b16", "vit-l16")
+    adapt = [(f"default {a} s{s}", a, s, 500, {}) for a in archs for s in (10, 50, 200)]
     adapt += [
+        (
+            "S14 50: LoRA last 4 blocks (the CPU default)",
+            "dinov2-s14",
+            50,
+            500,
+            dict(method="lora", lora_last_blocks=4),
+        ),
         ("default vit-b16 s500", "vit-b16", 500, 500, {}),
         ("default vit-b16 s50 q2000", "vit-b16", 50, 2000, {}),
         ("B50: lora only", "vit-b16", 50, 500, dict(method="lora")),
@@ -285,9 +294,10 @@ def plan(smoke: bool) -> tuple[list[tuple], list[tuple], list[tuple]]:
         ("reference B50 sync every step", "vit-b16", 50, 500, Reference(sync_every_step=True)),
         ("reference B128", "vit-b16", 128, 500, Reference()),
         ("reference S50", "vit-s16", 50, 500, Reference()),
+        ("reference S14 50", "dinov2-s14", 50, 500, Reference()),
         ("reference L200", "vit-l16", 200, 500, Reference()),
     ]
-    cli = [(f"cli {a} s50", a, 50, 500, []) for a in ("vit-s16", "vit-b16", "vit-l16")]
+    cli = [(f"cli {a} s50", a, 50, 500, []) for a in archs]
     return adapt, ref, cli
 
 

@@ -29,6 +29,7 @@ ARCHS = {  # hidden, layers, heads, MLP
     "vit-s16": (384, 12, 6, 1536),
     "vit-b16": (768, 12, 12, 3072),
     "vit-l16": (1024, 24, 16, 4096),
+    "dinov2-s14": (384, 12, 6, 1536),  # the default backbone's architecture (DINOv2 ViT-S/14, 257 tokens at 224)
     "tiny": (32, 2, 4, 37),  # --smoke
 }
 CLASSES = {i: f"class{i}" for i in range(5)}
@@ -40,10 +41,17 @@ def save_model(arch: str, root: Path, size: int) -> Path:
     hidden, layers, heads, mlp = ARCHS[arch]
     directory = root / arch
     if not (directory / "config.json").exists():
-        cfg = ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=mlp,
-                        image_size=size, patch_size=16 if size >= 64 else 8)  # fmt: skip
-        ViTModel(cfg, add_pooling_layer=False).save_pretrained(directory)
-        prep = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "size": {"height": size, "width": size}}
+        if arch.startswith("dinov2"):  # position embeddings for 518 px, run at `size` (interpolated), as shipped
+            from transformers import Dinov2Config, Dinov2Model
+
+            cfg = Dinov2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                               mlp_ratio=mlp // hidden, image_size=518, patch_size=14)  # fmt: skip
+            Dinov2Model(cfg).save_pretrained(directory)
+        else:
+            cfg = ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                            intermediate_size=mlp, image_size=size, patch_size=16 if size >= 64 else 8)  # fmt: skip
+            ViTModel(cfg, add_pooling_layer=False).save_pretrained(directory)
+        prep = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "crop_size": {"height": size, "width": size}}
         (directory / "preprocessor_config.json").write_text(json.dumps(prep))
     return directory
 

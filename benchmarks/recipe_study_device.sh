@@ -52,7 +52,7 @@ EOF
     limit=$1; shift || exit 2
     end=$((SECONDS + limit))
     while [ $SECONDS -lt $end ] && pgrep -f benchmarks/recipe_study.py >/dev/null; do
-      sleep 20
+      sleep "${POLL_EVERY:-20}"
       echo "--- $(date +%T) $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader) $(pgrep -fc benchmarks/recipe_study.py) running"
     done
     for log in "$root"/logs/*.log; do echo "$(basename "$log"): $(tail -n 1 "$log" | cut -c1-160)"; done

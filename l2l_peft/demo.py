@@ -1,7 +1,7 @@
 """`python -m l2l_peft.demo`: one few-shot task end to end, offline, on a fresh clone.
 
 Samples a 5-shot task from real medical images: by default the blood-cell sample shipped with the
-package (l2l_peft/data/: 320 single-cell images of 8 types from the PBC dataset, CC BY 4.0; see its
+package (l2l_peft/data/: 240 single-cell images of 4 types from the PBC dataset, CC BY 4.0; see its
 SOURCE.md), or any dataset of an npz folder in the layout of the development data (`--data-dir`).
 Writes the task as a challenge pickle (kept only with --out-dir), runs the CLI on it exactly as the
 container would, and prints the output's shape, the query accuracy and AUROC, and whether the

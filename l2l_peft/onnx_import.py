@@ -250,7 +250,10 @@ def load_saved(directory: Path) -> torch.nn.Module:
     """The saved directory through transformers' own loader; every weight must land, none may be left fresh."""
     from transformers import Dinov2Model
 
-    model, info = Dinov2Model.from_pretrained(directory, local_files_only=True, output_loading_info=True)
+    try:
+        model, info = Dinov2Model.from_pretrained(directory, local_files_only=True, output_loading_info=True)
+    except (OSError, RuntimeError, ValueError) as err:  # e.g. a size mismatch: the graph's shapes were misread
+        raise ImportFailed(f"transformers cannot load the rebuilt model ({type(err).__name__}: {err})") from err
     unset = [k for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)]
     if unset:
         raise ImportFailed(f"transformers did not load every weight ({'; '.join(f'{k}: {info[k]}' for k in unset)})")

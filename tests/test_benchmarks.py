@@ -231,8 +231,8 @@ def test_backbone_study_ships_only_a_clear_winner_with_no_dataset_much_worse(tmp
     assert verdict["too_few_tasks"] == ["d2 10-shot: 0", "d2 5-shot: 0"] and not verdict["ships"]
 
 
-def test_backbone_study_runs_todays_default_only_where_it_never_saw_the_data():
-    """The reference job adds the shipped backbone on datasets missing from its card's Data table."""
+def test_backbone_study_runs_the_home_made_backbone_only_where_it_never_saw_the_data():
+    """The reference job adds l2l-vit-tiny-med on datasets missing from its card's Data table."""
     from backbone_study import references
 
     assert references("supervised", "pbc_blood_cells") == ["supervised", "random", "shipped"]  # not in its card
@@ -507,25 +507,29 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.skipif(not shutil.which("bash"), reason="needs bash")
-def test_recipe_device_script_runs_one_study_per_unseen_dataset(tmp_path):
-    """Wheels installed, the pack unpacked, then recipe_study.py once per dataset of its UNSEEN list, each with the
-    minutes and the arguments given; the raw predictions and the logs come back as two archives (a call returns at
-    most 8 files)."""
+@pytest.mark.skipif(not all(map(shutil.which, DEVICE_TOOLS)), reason=f"needs {', '.join(DEVICE_TOOLS)}")
+def test_recipe_device_script_sets_up_starts_detached_and_polls(tmp_path):
+    """`setup` installs the wheels and unpacks each pack; `start` runs recipe_study.py detached once per dataset
+    with the device's backbone and the arguments given; `poll` waits for them and brings back each tag's raw
+    predictions and the logs as archives (a call returns at most 8 files)."""
     import tarfile
 
     project, env = _device_project(
-        tmp_path, "recipe_study_device.sh", "recipe_study.py", STUB_RECIPE_STUDY, ".devdata/all"
+        tmp_path, "recipe_study_device.sh", "recipe_study.py", STUB_RECIPE_STUDY, ".devdata/d"
     )
+    (project / ".devdata" / "d" / "pack.py").rename(project / ".devdata" / "d" / "pack224.py")
     root, out = tmp_path / "root", tmp_path / "out"
-    command = ["bash", "benchmarks/recipe_study_device.sh", "3", "--shots", "5", "--recipes", "lora"]
-    proc = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert (root / "site" / "stubpkg" / "__init__.py").is_file() and (root / "data" / "pack.py").is_file()
-    assert sorted(p.name for p in out.iterdir()) == ["logs.tgz", "study.tgz"]
-    with tarfile.open(out / "study.tgz") as study, tarfile.open(out / "logs.tgz") as logs:
+    env |= {"POLL_EVERY": "1"}
+    for args in (["setup", ".devdata/d"], ["start", "tune", "d1 d2", "--shots", "5"], ["poll", "60", "tune"]):
+        command = ["bash", "benchmarks/recipe_study_device.sh", *args]
+        proc = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=120, check=False)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (root / "site" / "stubpkg" / "__init__.py").is_file() and (root / "data" / "pack224.py").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["logs.tgz", "tune.tgz"]
+    with tarfile.open(out / "tune.tgz") as study, tarfile.open(out / "logs.tgz") as logs:
         for dataset in ("d1", "d2"):
-            args = json.load(study.extractfile(f"study/{dataset}/args.json"))
-            assert args == ["--data", str(root / "data"), "--out", str(root / "study" / dataset), "--datasets",
-                            dataset, "--max-minutes", "3", "--shots", "5", "--recipes", "lora"]  # fmt: skip
-            assert "done 1 of 1" in logs.extractfile(f"./{dataset}.log").read().decode()
+            args = json.load(study.extractfile(f"tune/{dataset}/args.json"))
+            assert args == ["--data", str(root / "data"), "--datasets", dataset, "--model", str(root / "model"),
+                            "--out", str(root / "study" / "tune" / dataset), "--max-minutes", "60", "--chunk", "2",
+                            "--shots", "5"]  # fmt: skip
+            assert "done 1 of 1" in logs.extractfile(f"./tune.{dataset}.log").read().decode()

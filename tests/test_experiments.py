@@ -323,9 +323,9 @@ def test_a_method_named_like_an_adaptation_method_must_run_it():
     with pytest.raises(ValueError, match="named like the adaptation method 'head'"):
         build_variants([MethodSpec("head", grid={"lr_head": [1e-3]})], base)  # grid points too
     variants = build_variants(
-        [MethodSpec("lora", params={"method": "lora"}), MethodSpec("default"), MethodSpec("lora+full")], base
+        [MethodSpec("lora", params={"method": "lora"}), MethodSpec("default"), MethodSpec("auto")], base
     )
-    assert [v.config(base, seed=0).method for v in variants] == ["lora", "auto", "lora+full"]
+    assert [v.config(base, seed=0).method for v in variants] == ["lora", "auto", "auto"]
     assert build_variants([MethodSpec("lora")], make_config(base, method="lora"))  # the YAML's defaults say lora
 
 

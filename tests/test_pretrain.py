@@ -155,13 +155,14 @@ SHIPPED = Path(__file__).resolve().parent.parent / "hf_cache" / "l2l-vit-tiny-me
 
 
 @pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(), reason="shipped backbone not in this checkout")
-def test_shipped_backbone_is_the_offline_default():
+def test_home_made_backbone_loads_offline_by_name():
+    """l2l-vit-tiny-med (committed; the default before DINOv2) stays one name away."""
     from l2l_peft.backbone import load_backbone
     from l2l_peft.cache import resolve_model
 
-    assert resolve_model(None, None).location == str(SHIPPED)
+    assert resolve_model("l2l-vit-tiny-med", None).location == str(SHIPPED)
     assert (SHIPPED / "model.safetensors").stat().st_size <= 15 * 2**20
-    extractor = load_backbone()
+    extractor = load_backbone("l2l-vit-tiny-med")
     assert extractor.input_size == 224 and extractor.feature_dim == 384
     assert next(extractor.parameters()).dtype == torch.float32
     features = extractor(torch.zeros(2, 1, 28, 28))  # gray, native size: preprocess repeats and resizes
