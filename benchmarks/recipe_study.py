@@ -41,18 +41,18 @@ UNSEEN = [
 ]
 RECIPES: dict[str, dict] = {
     "lora": {"method": "lora"},
-    "full": {"method": "full"},
+    "full": {"method": "full", "lr_full": 1e-3, "layer_decay": 1.0},  # the full member as it was until issue #27
     "lora_all": {"method": "lora", "lora_targets": "all"},
     "head": {"method": "head"},
     "lora_lr3e-3": {"method": "lora", "lr_adapter": 3e-3},
     "lora_long": {"method": "lora", "epochs": 100.0, "max_steps": 200},
-    "full_lr1e-4": {"method": "full", "lr_adapter": 1e-4},
+    "full_lr1e-4": {"method": "full", "lr_full": 1e-4, "layer_decay": 1.0},
     # the transductive information term (AdaptConfig.transductive) at its weight
     "lora_tim": {"method": "lora", "transductive": 1.0},
     "lora_tim0.3": {"method": "lora", "transductive": 0.3},
-    "full_tim": {"method": "full", "transductive": 1.0},
+    "full_tim": {"method": "full", "lr_full": 1e-3, "layer_decay": 1.0, "transductive": 1.0},
     # issue #27: candidates for a foundation backbone (DINOv2 ViT-S/14) at 224 px
-    "full_llrd": {"method": "full", "lr_adapter": 1e-4, "layer_decay": 0.7},
+    "full_llrd": {"method": "full", "lr_full": 1e-4, "layer_decay": 0.7},  # today's full member
     "lora_lr3e-4": {"method": "lora", "lr_adapter": 3e-4},
     "lora_r4": {"method": "lora", "lora_rank": 4, "lora_alpha": 8.0},
     "lora_noaug": {"method": "lora", "augment": False},
