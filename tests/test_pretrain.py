@@ -471,3 +471,39 @@ def test_two_stages_generated_images_then_real_data(data_dir, tmp_path):
     )
     one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_continued_pretraining_starts_from_a_dinov2_bit_for_bit(data_dir, tmp_path):
+    """init_from a DINOv2 (ImageNet statistics, as the imported default): student and DINO teacher start from its
+    weights bit for bit, the input normalisation it was trained with is kept, and 0 steps export it unchanged
+    (float32 export; the default bf16 one rounds)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from l2l_peft.pretrain.config import PretrainConfig
+
+    init = tmp_path / "dinov2"
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
+                             image_size=28, patch_size=8)).save_pretrained(init)  # fmt: skip
+    imagenet = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+    (init / "preprocessor_config.json").write_text(json.dumps({**imagenet, "crop_size": {"height": 32, "width": 32}}))
+    settings = {"sources": [{"kind": "npz", "path": str(data_dir)}], "image_size": 32, "batch_size": 8,
+                "warmup_steps": 1, "init_from": str(init), "objective": "ssl", "local_crops": 2,
+                "local_crop_size": 16, "ssl_out_dim": 64, "ssl_hidden_dim": 32, "ssl_bottleneck_dim": 16,
+                "save_dtype": "fp32"}  # fmt: skip
+    extractor = build_extractor(PretrainConfig(**settings))
+    start = Dinov2Model.from_pretrained(init).state_dict()
+    assert all(torch.equal(start[k], v) for k, v in extractor.model.state_dict().items())
+    assert extractor.mean.flatten().tolist() == pytest.approx(imagenet["image_mean"])
+    teacher = DinoTeacher(extractor, DinoHead(extractor.feature_dim, hidden_dim=32, bottleneck_dim=16, out_dim=64),
+                          PretrainConfig(**settings))  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(teacher.backbone.parameters(), extractor.parameters(), strict=True))
+
+    config = tmp_path / "continue.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    out = tmp_path / "out"
+    assert main([str(config), "--output", str(out), "--steps", "0", "--cpu", "--log-level", "WARNING"]) == 0
+    exported = Dinov2Model.from_pretrained(out).state_dict()
+    assert exported.keys() == start.keys() and all(torch.equal(start[k], exported[k]) for k in start)
+    prep = json.loads((out / "preprocessor_config.json").read_text())
+    assert prep["image_mean"] == pytest.approx(imagenet["image_mean"]) and prep["size"]["height"] == 32

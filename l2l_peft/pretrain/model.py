@@ -21,7 +21,8 @@ from .config import VIT_SIZES, PretrainConfig
 CHALLENGE_MEAN_STD = [0.5, 0.5, 0.5]
 
 
-def preprocessor_config(size: int) -> dict:
+def preprocessor_config(size: int, mean: list[float] | None = None, std: list[float] | None = None) -> dict:
+    """The image processor config written beside a backbone; mean and std default to the challenge's identity."""
     return {
         "image_processor_type": "ViTImageProcessor",
         "do_resize": True,
@@ -30,27 +31,28 @@ def preprocessor_config(size: int) -> dict:
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
-        "image_mean": CHALLENGE_MEAN_STD,
-        "image_std": CHALLENGE_MEAN_STD,
+        "image_mean": mean or CHALLENGE_MEAN_STD,
+        "image_std": std or CHALLENGE_MEAN_STD,
     }
 
 
 def build_extractor(config: PretrainConfig) -> FeatureExtractor:
-    """A ViT of the named size from scratch, or the backbone of an existing checkpoint."""
+    """A ViT of the named size from scratch, or the backbone of an existing checkpoint, which keeps the input
+    normalisation it was trained with (DINOv2: ImageNet statistics; those trained here: the identity)."""
     if config.init_from:
-        model, _ = load_hf_model(resolve_model(config.init_from, config.cache_dir))
-        model = model.float()
-    else:
-        from transformers import ViTConfig, ViTModel
+        model, prep = load_hf_model(resolve_model(config.init_from, config.cache_dir))
+        prep = preprocessor_config(config.image_size, prep.get("image_mean"), prep.get("image_std"))
+        return FeatureExtractor(model.float(), prep)
+    from transformers import ViTConfig, ViTModel
 
-        hidden, heads = VIT_SIZES[config.model_size]
-        vit = dict(
-            hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=12, intermediate_size=4 * hidden,
-            image_size=config.image_size, patch_size=config.patch_size, hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0, layer_norm_eps=1e-6,
-        )  # fmt: skip
-        vit.update(config.vit_overrides)
-        model = ViTModel(ViTConfig(**vit), add_pooling_layer=False)
+    hidden, heads = VIT_SIZES[config.model_size]
+    vit = dict(
+        hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=12, intermediate_size=4 * hidden,
+        image_size=config.image_size, patch_size=config.patch_size, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, layer_norm_eps=1e-6,
+    )  # fmt: skip
+    vit.update(config.vit_overrides)
+    model = ViTModel(ViTConfig(**vit), add_pooling_layer=False)
     return FeatureExtractor(model, preprocessor_config(config.image_size))
 
 
@@ -102,6 +104,7 @@ def export_backbone(extractor: FeatureExtractor, directory: Path, *, save_dtype:
     config = json.loads(config_path.read_text())
     config["dtype"] = "float32"
     config_path.write_text(json.dumps(config, indent=2) + "\n")
+    mean, std = (v.flatten().tolist() for v in (extractor.mean, extractor.std))
     (directory / "preprocessor_config.json").write_text(
-        json.dumps(preprocessor_config(extractor.input_size), indent=2) + "\n"
+        json.dumps(preprocessor_config(extractor.input_size, mean, std), indent=2) + "\n"
     )
