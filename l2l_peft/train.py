@@ -9,13 +9,13 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
 
+from .adapters import BLOCK
 from .batches import SupportBatches
 from .config import AdaptConfig, Method
 from .head import Classifier
@@ -165,16 +165,13 @@ def _optimizer(
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps, warmup))
 
 
-_BLOCK_INDEX = re.compile(r"\.(\d+)\.")
-
-
 def _by_depth(model: Classifier, decay: float) -> dict[float, list[torch.nn.Parameter]]:
     """The backbone's trainable parameters grouped by learning-rate scale: decay ** (L + 1 - depth), with
     depth 0 for the embeddings, i + 1 for block i, L + 1 for what follows the blocks (final norm)."""
     named = [(n, p) for n, p in model.extractor.named_parameters() if p.requires_grad]
     if decay == 1:
         return {1.0: [p for _, p in named]} if named else {}
-    index = {n: int(m.group(1)) for n, _ in named if (m := _BLOCK_INDEX.search(n))}
+    index = {n: int(m.group(1).rsplit(".", 1)[1]) for n, _ in named if (m := BLOCK.match(n))}
     top = 1 + max(index.values(), default=-1)
     groups: dict[float, list[torch.nn.Parameter]] = {}
     for name, param in named:

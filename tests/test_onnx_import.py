@@ -184,7 +184,7 @@ def test_import_is_byte_for_byte_reproducible(exported, imported, tmp_path):
 
 def test_rebuild_reads_the_config_off_the_graph(exported):
     _, graph, _, _ = exported
-    rebuilt = onnx_import.rebuild(graph)
+    rebuilt = onnx_import.rebuild(onnx_import.parse(graph))
     config = rebuilt.config
     assert {k: config[k] for k in CONFIG} == CONFIG
     assert config["layer_norm_eps"] == 1e-6 and config["qkv_bias"] is True and config["num_channels"] == 3
@@ -206,7 +206,7 @@ def test_layer_norm_eps_comes_from_the_graph(exported):
             node.attribute[0].t.CopyFrom(numpy_helper.from_array(np.asarray(1e-5, value.dtype)))
             changed += 1
     assert changed == 1  # the exporter keeps LayerNorm's eps as a Constant of norm1's Add
-    assert onnx_import.rebuild(proto.SerializeToString()).config["layer_norm_eps"] == 1e-5
+    assert onnx_import.rebuild(proto).config["layer_norm_eps"] == 1e-5
 
 
 def test_the_real_pin_refuses_another_wheel(exported, seeded_cache, capsys):
