@@ -95,11 +95,12 @@ class Job:
     command: list[str]
     after: list[str] = field(default_factory=list)  # jobs that must have ended well first
     after_start: list[str] = field(default_factory=list)  # jobs that must have started (or been skipped) first
+    after_end: list[str] = field(default_factory=list)  # jobs that must have ended, well or not, first
 
 
 def run_jobs(jobs: list[Job], logs: Path, parallel: int, gpus: int = 1) -> dict[str, int]:
-    """Run each job once its `after` jobs exited 0 and its `after_start` jobs left the queue, at most `parallel`
-    at once; their exit codes.
+    """Run each job once its `after` jobs exited 0, its `after_end` jobs ended and its `after_start` jobs left the
+    queue, at most `parallel` at once; their exit codes.
 
     A job whose prerequisite failed is skipped (code -1). Each child gets its share of the CPU
     cores as its thread count: 12 evaluation processes with torch's default (every core each)
@@ -121,7 +122,11 @@ def run_jobs(jobs: list[Job], logs: Path, parallel: int, gpus: int = 1) -> dict[
                 pending.remove(job)
                 codes[job.name] = -1
                 print(f"{time.strftime('%H:%M:%S')} {job.name}: skipped (a prerequisite failed)", flush=True)
-            elif len(running) < parallel and all(name in codes for name in after) and not queued & {*job.after_start}:
+            elif (
+                len(running) < parallel
+                and all(name in codes for name in [*after, *(n for n in job.after_end if n in listed)])
+                and not queued & {*job.after_start}
+            ):
                 pending.remove(job)
                 child_env = env
                 if gpus > 1:
@@ -231,17 +236,28 @@ def backbone_dir(arm: str, fold: str, args: argparse.Namespace) -> Path:
 
 def experiment_config(dataset: str, fold: str, arms: list[str], args: argparse.Namespace) -> dict:
     """Default adapt() and linear probe on the backbones of `arms` (fold runs, random init, today's default)."""
+    backbones = {arm: backbone_dir(arm, fold, args) for arm in arms}
+    return evaluation_config(dataset, args.data, args.tasks, SHOTS, {"adapt": backbones, "probe": backbones})
+
+
+def evaluation_config(
+    dataset: str, data: Path, tasks: int, shots: list[int], backbones: dict[str, dict[str, Path]]
+) -> dict:
+    """An experiments config: the test tasks of one dataset, `backbones` {"adapt" | "probe": {name: model
+    directory}} each adapted with the default adapt() (variant adapt_NAME) or a linear probe (probe_NAME).
+    Tasks derive from the suite seed and their identity, so every job of a study pairs by task."""
+    kinds = {"adapt": "adapt", "probe": "linear_probe"}
     methods = [
-        {"name": f"{prefix}_{arm}", "kind": kind, "params": {"model": str(backbone_dir(arm, fold, args))}}
-        for kind, prefix in (("adapt", "adapt"), ("linear_probe", "probe"))
-        for arm in arms
+        {"name": f"{prefix}_{name}", "kind": kinds[prefix], "params": {"model": str(model)}}
+        for prefix, models in backbones.items()
+        for name, model in models.items()
     ]
     return {
         "precision": "auto",
         "bootstrap": 200,
         "suite": {
-            "seed": 0, "shots": SHOTS, "tasks": args.tasks, "query_per_class": 15, "split": "test",
-            "sources": [{"kind": "npz", "path": str(args.data.resolve()), "include": [dataset]}],
+            "seed": 0, "shots": shots, "tasks": tasks, "query_per_class": 15, "split": "test",
+            "sources": [{"kind": "npz", "path": str(data.resolve()), "include": [dataset]}],
         },
         "methods": methods,
     }  # fmt: skip
@@ -333,19 +349,23 @@ def runs(work: Path) -> list[str]:
     return lines
 
 
-def verdict(cells: dict[tuple[int, str | None], Aggregate], evaluated: set[tuple[int, str]]) -> dict:
-    """The issue's rule on one arm's paired differences {(shots, dataset or None for all): arm minus reference}.
+def verdict(
+    cells: dict[tuple[int, str | None], Aggregate], evaluated: set[tuple[int, str]], *,
+    gain: float = GAIN, worst_allowed: float = WORST, shots: Sequence[int] = SHOTS,
+) -> dict:  # fmt: skip
+    """The issue's rule on one arm's paired differences {(shots, dataset or None for all): arm minus reference}:
+    every shot count's mean gain >= `gain` with the interval above zero, no dataset below `worst_allowed`.
 
     `evaluated`: the (shots, dataset) cells the reference has tasks in; an arm with fewer there (none:
     its backbone failed) cannot ship on the others alone.
     """
-    overall = [cells[(n, None)] for n in SHOTS]
+    overall = [cells[(n, None)] for n in shots]
     per_dataset = {key: c for key, c in cells.items() if key[1] is not None}
     worst = min((c.mean for c in per_dataset.values() if c.n), default=math.nan)
     short = sorted(
         f"{d} {n}-shot: {c.n}" for (n, d), c in per_dataset.items() if (n, d) in evaluated and c.n < MIN_TASKS
     )
-    ships = all(o.mean >= GAIN and o.low > 0 for o in overall) and worst >= WORST and not short
+    ships = all(o.mean >= gain and o.low > 0 for o in overall) and worst >= worst_allowed and not short
     return {"overall": [o.mean for o in overall], "low": [o.low for o in overall], "worst_dataset": worst,
             "too_few_tasks": short, "ships": ships}  # fmt: skip
 

@@ -6,8 +6,12 @@
 #   start TAG "DATASETS" [STUDY ARGS...]
 #                            one detached study process per dataset -> $root/study/TAG/DATASET, log in $root/logs
 #                            (the backbone is $root/model unless STUDY ARGS name --model)
+#   continued [STUDY ARGS...]
+#                            benchmarks/continued_study.py (issue #28) detached on $root/model and $root/data, its
+#                            work in $root/study/continued (follow it with: poll LIMIT continued)
 #   poll LIMIT [TAG...]      follow until no study process runs or LIMIT s passed, then each TAG comes back as
-#                            $OUT/TAG.tgz (raw predictions) and the logs as $OUT/logs.tgz; the logs' last lines print
+#                            $OUT/TAG.tgz (raw predictions, tables; weights and checkpoints stay) and the logs as
+#                            $OUT/logs.tgz; the logs' last lines print
 # e.g. setup .devdata/d1 && start tune "wbc_type_bccd" --shots 5 10 --recipes lora full && poll 500 tune
 # Score here: python benchmarks/recipe_analysis.py DIR ... (records of one task from several processes are merged).
 set -uo pipefail
@@ -48,18 +52,25 @@ EOF
         --out "$root/study/$tag/$dataset" --max-minutes 60 --chunk 2 "$@" >"$root/logs/$tag.$dataset.log" 2>&1 &
     done
     ;;
+  continued)
+    mkdir -p "$root/logs"
+    setsid nohup python3 benchmarks/continued_study.py --data "$root/data" --model "$root/model" \
+      --work "$root/study/continued" "$@" >"$root/logs/continued.log" 2>&1 &
+    ;;
   poll)
     limit=$1; shift || exit 2
-    end=$((SECONDS + limit))
-    while [ $SECONDS -lt $end ] && pgrep -f benchmarks/recipe_study.py >/dev/null; do
+    end=$((SECONDS + limit)) studies='benchmarks/(recipe|continued)_study[.]py'
+    while [ $SECONDS -lt $end ] && pgrep -f "$studies" >/dev/null; do
       sleep "${POLL_EVERY:-20}"
-      echo "--- $(date +%T) $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader) $(pgrep -fc benchmarks/recipe_study.py) running"
+      echo "--- $(date +%T) $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader) $(pgrep -fc "$studies") running"
+      tail -n 1 "$root/logs/continued.log" 2>/dev/null | cut -c1-160
     done
     for log in "$root"/logs/*.log; do echo "$(basename "$log"): $(tail -n 1 "$log" | cut -c1-160)"; done
     for tag in "$@"; do
-      [ -d "$root/study/$tag" ] && tar czf "$OUT/$tag.tgz" -C "$root/study" "$tag"
+      [ -d "$root/study/$tag" ] && tar czf "$OUT/$tag.tgz" --exclude='*.safetensors' --exclude='*.bin' \
+        --exclude='*.pkl' --exclude=checkpoint -C "$root/study" "$tag"
     done
     tar czf "$OUT/logs.tgz" -C "$root/logs" .
     ;;
-  *) echo "unknown mode $mode (setup, start, poll)" >&2; exit 2 ;;
+  *) echo "unknown mode $mode (setup, start, continued, poll)" >&2; exit 2 ;;
 esac

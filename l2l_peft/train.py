@@ -156,7 +156,7 @@ def _optimizer(
     groups = [{"params": head_params, "lr": lr(config.lr_head)}]
     full = config.methods == (Method.FULL,)
     base, decay = (config.lr_full, config.layer_decay) if full else (config.lr_adapter, 1.0)
-    for scale, params in _by_depth(model, decay).items():
+    for scale, params in by_depth(model.extractor, decay).items():
         groups.append({"params": params, "lr": lr(base * scale)})
     optimizer = torch.optim.AdamW(
         groups, weight_decay=config.weight_decay, fused=device.type == "cuda", capturable=graphed
@@ -165,10 +165,13 @@ def _optimizer(
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, steps, warmup))
 
 
-def _by_depth(model: Classifier, decay: float) -> dict[float, list[torch.nn.Parameter]]:
+def by_depth(backbone: torch.nn.Module, decay: float) -> dict[float, list[torch.nn.Parameter]]:
     """The backbone's trainable parameters grouped by learning-rate scale: decay ** (L + 1 - depth), with
-    depth 0 for the embeddings, i + 1 for block i, L + 1 for what follows the blocks (final norm)."""
-    named = [(n, p) for n, p in model.extractor.named_parameters() if p.requires_grad]
+    depth 0 for the embeddings, i + 1 for block i, L + 1 for what follows the blocks (final norm).
+
+    Layer-wise decay keeps a pretrained model's early, general layers close to where they were (adaptation's
+    method full and continued pretraining both use it)."""
+    named = [(n, p) for n, p in backbone.named_parameters() if p.requires_grad]
     if decay == 1:
         return {1.0: [p for _, p in named]} if named else {}
     index = {n: int(m.group(1).rsplit(".", 1)[1]) for n, _ in named if (m := BLOCK.match(n))}

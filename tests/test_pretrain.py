@@ -473,24 +473,40 @@ def test_two_stages_generated_images_then_real_data(data_dir, tmp_path):
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
 
 
-def test_continued_pretraining_starts_from_a_dinov2_bit_for_bit(data_dir, tmp_path):
-    """init_from a DINOv2 (ImageNet statistics, as the imported default): student and DINO teacher start from its
-    weights bit for bit, the input normalisation it was trained with is kept, and 0 steps export it unchanged
-    (float32 export; the default bf16 one rounds)."""
+IMAGENET = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+
+
+@pytest.fixture(scope="module")
+def tiny_dinov2(tmp_path_factory) -> Path:
+    """A tiny DINOv2 checkpoint with ImageNet statistics and a 32-px crop, as the imported default is laid out."""
     from transformers import Dinov2Config, Dinov2Model
 
-    from l2l_peft.pretrain.config import PretrainConfig
-
-    init = tmp_path / "dinov2"
+    init = tmp_path_factory.mktemp("dinov2")
     torch.manual_seed(0)
     Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
                              image_size=28, patch_size=8)).save_pretrained(init)  # fmt: skip
-    imagenet = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
-    (init / "preprocessor_config.json").write_text(json.dumps({**imagenet, "crop_size": {"height": 32, "width": 32}}))
-    settings = {"sources": [{"kind": "npz", "path": str(data_dir)}], "image_size": 32, "batch_size": 8,
-                "warmup_steps": 1, "init_from": str(init), "objective": "ssl", "local_crops": 2,
-                "local_crop_size": 16, "ssl_out_dim": 64, "ssl_hidden_dim": 32, "ssl_bottleneck_dim": 16,
-                "save_dtype": "fp32"}  # fmt: skip
+    (init / "preprocessor_config.json").write_text(json.dumps({**IMAGENET, "crop_size": {"height": 32, "width": 32}}))
+    return init
+
+
+def _continued(data_dir: Path, init: Path, **changes) -> dict:
+    """Continued-pretraining settings of a tiny run from `init` (DINO, float32 export), with `changes`."""
+    return {"sources": [{"kind": "npz", "path": str(data_dir)}], "image_size": 32, "batch_size": 8,
+            "warmup_steps": 1, "init_from": str(init), "patch_size": 8, "objective": "ssl", "local_crops": 2,
+            "local_crop_size": 16, "ssl_out_dim": 64, "ssl_hidden_dim": 32, "ssl_bottleneck_dim": 16,
+            "save_dtype": "fp32"} | changes  # fmt: skip
+
+
+def test_continued_pretraining_starts_from_a_dinov2_bit_for_bit(data_dir, tiny_dinov2, tmp_path):
+    """init_from a DINOv2 (ImageNet statistics, as the imported default): student and DINO teacher start from its
+    weights bit for bit, the input normalisation it was trained with is kept, and 0 steps export it unchanged
+    (float32 export; the default bf16 one rounds)."""
+    from transformers import Dinov2Model
+
+    from l2l_peft.pretrain.config import PretrainConfig
+
+    init, imagenet = tiny_dinov2, IMAGENET
+    settings = _continued(data_dir, init)
     extractor = build_extractor(PretrainConfig(**settings))
     start = Dinov2Model.from_pretrained(init).state_dict()
     assert all(torch.equal(start[k], v) for k, v in extractor.model.state_dict().items())
@@ -507,3 +523,49 @@ def test_continued_pretraining_starts_from_a_dinov2_bit_for_bit(data_dir, tmp_pa
     assert exported.keys() == start.keys() and all(torch.equal(start[k], exported[k]) for k in start)
     prep = json.loads((out / "preprocessor_config.json").read_text())
     assert prep["image_mean"] == pytest.approx(imagenet["image_mean"]) and prep["size"]["height"] == 32
+
+
+def test_init_from_needs_the_models_patch_size(data_dir, tiny_dinov2):
+    from l2l_peft.pretrain.config import PretrainConfig
+
+    with pytest.raises(ValueError, match="patch_size is 16 but .* has patches of 8 px"):
+        build_extractor(PretrainConfig(**_continued(data_dir, tiny_dinov2, patch_size=16)))
+
+
+def test_layer_decay_scales_the_backbone_by_depth_and_heads_warm_up_alone(data_dir, tiny_dinov2, tmp_path):
+    """layer_decay 0.5 on 2 blocks: embeddings at lr/8, block 0 at lr/4, block 1 at lr/2, final norm and the heads
+    at lr; with head_warmup_steps 2 the first two steps leave the DINOv2 unchanged bit for bit (only the heads
+    learn), and the backbone moves once they are over."""
+    from transformers import Dinov2Model
+
+    from l2l_peft.pretrain.config import PretrainConfig
+    from l2l_peft.pretrain.loop import _param_groups
+    from l2l_peft.pretrain.model import MultiTaskModel
+
+    settings = _continued(
+        data_dir, tiny_dinov2, objective="both", layer_decay=0.5, head_warmup_steps=2, steps=4, log_every=1
+    )
+    extractor = build_extractor(PretrainConfig(**settings))
+    model = MultiTaskModel(extractor, {"gray_mc": 3}, DinoHead(extractor.feature_dim, hidden_dim=32,
+                                                                bottleneck_dim=16, out_dim=64))  # fmt: skip
+    scale = {id(p): (g["lr_scale"], g["backbone"]) for g in _param_groups(model, PretrainConfig(**settings))
+             for p in g["params"]}  # fmt: skip
+    named = dict(model.named_parameters())
+    assert scale[id(named["extractor.model.embeddings.cls_token"])] == (0.125, True)
+    assert scale[id(named["extractor.model.encoder.layer.0.mlp.fc1.weight"])] == (0.25, True)
+    assert scale[id(named["extractor.model.encoder.layer.1.mlp.fc1.weight"])] == (0.5, True)
+    assert scale[id(named["extractor.model.layernorm.weight"])] == (1.0, True)
+    assert {scale[id(p)] for n, p in named.items() if not n.startswith("extractor.")} == {(1.0, False)}
+    assert len(scale) == len(named)  # every parameter in exactly one group
+
+    config, out = tmp_path / "continue.yaml", tmp_path / "out"
+    config.write_text(yaml.safe_dump(settings))
+    start = Dinov2Model.from_pretrained(tiny_dinov2).state_dict()
+    assert main([str(config), "--output", str(out), "--stop-at", "2", "--cpu", "--log-level", "WARNING"]) == 0
+    held = Dinov2Model.from_pretrained(out).state_dict()
+    assert all(torch.equal(start[k], held[k]) for k in start)
+    assert main([str(config), "--output", str(out), "--cpu", "--log-level", "WARNING"]) == 0
+    moved = Dinov2Model.from_pretrained(out).state_dict()
+    assert not torch.equal(start["encoder.layer.1.mlp.fc1.weight"], moved["encoder.layer.1.mlp.fc1.weight"])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["lr"] > 0 for r in log)  # the heads' lr is logged

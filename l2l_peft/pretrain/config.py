@@ -79,7 +79,18 @@ class PretrainConfig:
     batch_size: int = _help(
         "images per step and process, split evenly across datasets (balanced sampling)", default=512
     )
-    lr: float = _help("AdamW peak learning rate", default=1e-3)
+    lr: float = _help("AdamW peak learning rate (of the heads and of the backbone's last layers)", default=1e-3)
+    layer_decay: float = _help(
+        "layer-wise learning-rate decay of the backbone: block i of L trains at lr * layer_decay ** (L - i), the "
+        "embeddings at lr * layer_decay ** (L + 1), the heads at lr. Below 1 when continuing from a pretrained "
+        "model (init_from), so its early, general layers move least",
+        default=1.0,
+    )
+    head_warmup_steps: int = _help(
+        "first steps in which only the heads learn (the backbone's learning rate is 0): new heads start random, "
+        "and their first gradients would otherwise reach a pretrained backbone (init_from) as noise",
+        default=0,
+    )
     min_lr_frac: float = _help("final learning rate as a fraction of lr", default=0.01)
     weight_decay: float = _help("AdamW weight decay on matrices (not on biases and norms)", default=0.05)
     warmup_steps: int = _help("linear warm-up steps", default=300)
@@ -150,7 +161,7 @@ class PretrainConfig:
         for name in ("batch_size", "image_size", "patch_size", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PretrainConfig.{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("steps", "warmup_steps", "weight_decay", "max_rotation"):
+        for name in ("steps", "warmup_steps", "head_warmup_steps", "weight_decay", "max_rotation"):
             if getattr(self, name) < 0:
                 raise ValueError(f"PretrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("lr", "grad_clip"):
@@ -158,6 +169,8 @@ class PretrainConfig:
                 raise ValueError(f"PretrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:  # 0 would silently mean "no budget"
             raise ValueError(f"PretrainConfig.max_minutes must be > 0 or null, got {self.max_minutes!r}")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"PretrainConfig.layer_decay must be in (0, 1], got {self.layer_decay!r}")
         for name in ("min_lr_frac", "vflip", "jitter", "grayscale"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"PretrainConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")

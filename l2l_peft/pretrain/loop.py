@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..data.datasets import LabelledDataset
 from ..speed.attention import training_kernels
-from ..train import TrainingError
+from ..train import TrainingError, by_depth
 from .augment import MultiCrop
 from .config import PretrainConfig
 from .data import BalancedSampler, load_sources
@@ -57,15 +57,29 @@ class Progress:
         (directory / PROGRESS).write_text(json.dumps(self.__dict__) + "\n")
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only; biases, norms, CLS and position embeddings are exempt."""
-    decay, exempt = [], []
-    for p in model.parameters():
-        (decay if p.dim() >= 2 and p.shape[0] > 1 else exempt).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
+def _param_groups(model: MultiTaskModel, config: PretrainConfig) -> list[dict]:
+    """AdamW groups: weight decay on matrices only (biases, norms, CLS and position embeddings are exempt);
+    `lr_scale` by depth in the backbone (config.layer_decay), 1 for the heads; `backbone` marks what
+    head_warmup_steps holds still."""
+    inside = {id(p) for p in model.extractor.parameters()}
+    parts = [(params, scale, True) for scale, params in by_depth(model.extractor, config.layer_decay).items()]
+    parts.append(([p for p in model.parameters() if id(p) not in inside], 1.0, False))
+    groups = []
+    for params, scale, backbone in parts:
+        for matrices, weight_decay in ((True, config.weight_decay), (False, 0.0)):
+            chosen = [p for p in params if (p.dim() >= 2 and p.shape[0] > 1) == matrices]
+            if chosen:
+                groups.append({"params": chosen, "weight_decay": weight_decay, "lr_scale": scale, "backbone": backbone})
+    return groups
 
 
-def lr_factor(step: int, progress: float, config: PretrainConfig) -> float:
+def lr_factor(step: int, progress: float, config: PretrainConfig, *, backbone: bool = False) -> float:
+    """Linear warm-up then cosine to min_lr_frac over progress; the backbone's warm-up starts once
+    head_warmup_steps are done (before, its factor is 0)."""
+    if backbone:
+        step -= config.head_warmup_steps
+        if step < 0:
+            return 0.0
     warm = min(1.0, (step + 1) / max(1, config.warmup_steps))
     cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return warm * (config.min_lr_frac + (1 - config.min_lr_frac) * cosine)
@@ -114,7 +128,7 @@ def pretrain(
         for module in filter(None, (model, teacher)):
             module.compile(dynamic=False)  # in place: parameter names, checkpoints and the export stay as without
     optimizer = torch.optim.AdamW(
-        _param_groups(model, config.weight_decay),
+        _param_groups(model, config),
         lr=config.lr,
         betas=(0.9, 0.999),
         fused=accelerator.device.type == "cuda",
@@ -154,7 +168,7 @@ def pretrain(
         step = progress.step
         fraction = max(step / max(1, config.steps), elapsed / budget)
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * lr_factor(step, fraction, config)
+            group["lr"] = config.lr * group["lr_scale"] * lr_factor(step, fraction, config, backbone=group["backbone"])
         generator, batches = sampler.draw(step)
         crops = low_res_views if low_res_views and fraction < config.low_res_fraction else views
         images, local_crops = crops([x for x, _ in batches], generator)
@@ -201,7 +215,7 @@ def _log(
         record = {
             "step": progress.step,
             "loss": round(float((losses * weights).sum()), 5),
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": max(group["lr"] for group in optimizer.param_groups),  # the heads' and the last block's
             "images_per_s": round(rate, 1), "seconds": round(progress.seconds, 1),
             "losses": {n: round(v, 5) for n, v in zip(names, losses.tolist())},
         }  # fmt: skip

@@ -41,6 +41,11 @@ def build_extractor(config: PretrainConfig) -> FeatureExtractor:
     normalisation it was trained with (DINOv2: ImageNet statistics; those trained here: the identity)."""
     if config.init_from:
         model, prep = load_hf_model(resolve_model(config.init_from, config.cache_dir))
+        if getattr(model.config, "patch_size", config.patch_size) != config.patch_size:
+            raise ValueError(  # crop sides are checked against config.patch_size: it must be the model's
+                f"PretrainConfig.patch_size is {config.patch_size} but {config.init_from} has patches of "
+                f"{model.config.patch_size} px: set patch_size: {model.config.patch_size}"
+            )
         prep = preprocessor_config(config.image_size, prep.get("image_mean"), prep.get("image_std"))
         return FeatureExtractor(model.float(), prep)
     from transformers import ViTConfig, ViTModel
