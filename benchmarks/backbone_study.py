@@ -339,8 +339,9 @@ def runs(work: Path) -> list[str]:
     """One row per pretraining run: how far it got, its wall time and throughput (runs shared the GPU)."""
     lines = ["| run | steps | images | seconds | images/s at the end | loss |", "|---|---|---|---|---|---|"]
     for log in sorted([*work.glob("pretrain/*/*/log.jsonl"), *work.glob("ship/*/log.jsonl")]):
-        last = json.loads(log.read_text().splitlines()[-1])
-        progress = json.loads((log.parent / "checkpoint" / "progress.json").read_text())
+        last = json.loads(log.read_text().splitlines()[-1])  # the final step is always logged
+        path = log.parent / "checkpoint" / "progress.json"  # not brought back from the device by every study
+        progress = json.loads(path.read_text()) if path.is_file() else {"images": "n/a"} | last
         run = log.parent.relative_to(work)
         lines.append(
             f"| {run} | {progress['step']} | {progress['images']} | {progress['seconds']:.0f} "

@@ -10,7 +10,7 @@ architecture (probe only). Paired by task with bootstrap intervals, per dataset 
 on the adapted default; `both_seed1` repeats `both` with another seed (pretraining noise).
 
     python benchmarks/continued_study.py --data /tmp/data --model /tmp/model --work /tmp/continued   # GPU
-    python benchmarks/continued_study.py --data /tmp/data --model /tmp/model --work DIR --analyse-only   # tables
+    python benchmarks/continued_study.py --work DIR --analyse-only                                  # tables again
 
 --data is an unpacked data224 copy (pack224.py unpack), --model the imported DINOv2 (python prefetch.py).
 Outputs under --work: random/ (the random-init copy), pretrain/ARM/FOLD (backbone, log.jsonl, card),
@@ -96,14 +96,23 @@ def pretrain_jobs(args: argparse.Namespace) -> list[Job]:
     return jobs
 
 
+def studied(args: argparse.Namespace) -> list[str]:
+    """The datasets this study evaluates: FOLDS' that the data folder holds (all when it is not here: tables made
+    elsewhere), narrowed by --datasets."""
+    manifest = None if args.data is None else args.data / "manifest.json"
+    present = json.loads(manifest.read_text()) if manifest is not None and manifest.is_file() else None
+    return [
+        d for ds in FOLDS.values() for d in ds
+        if (present is None or d in present) and (args.datasets is None or d in args.datasets)
+    ]  # fmt: skip
+
+
 def evaluation_jobs(args: argparse.Namespace, random: Path) -> list[Job]:
     """Per dataset: the reference job (imported DINOv2 adapted and probed, the random copy probed) at once, and one
     job per arm once its fold's backbone exists."""
     jobs = []
     imported = args.model.resolve()
-    present = json.loads((args.data / "manifest.json").read_text())
-    chosen = [d for ds in FOLDS.values() for d in ds if d in present and (args.datasets is None or d in args.datasets)]
-    for dataset in chosen:
+    for dataset in studied(args):
         fold = fold_of(dataset)
         wanted = {REFERENCE: ({"adapt": {REFERENCE: imported}, "probe": {REFERENCE: imported, RANDOM: random}}, [])}
         for arm in args.arms:
@@ -125,15 +134,22 @@ def _row(label: str, cells: list) -> str:
     return f"| {label} | " + " | ".join(c.format() for c in cells) + " |"
 
 
-def analyse(work: Path, arms: list[str]) -> dict:
+def analyse(work: Path, arms: list[str], datasets: list[str]) -> dict:
     """study.md and decision.json: mean AUROC per variant; each arm minus the imported DINOv2 (adapted and probed),
-    per dataset and overall; probes minus the random-init copy; the repeat seed; the ship rule's verdicts."""
+    per dataset and overall; probes minus the random-init copy; the repeat seed; the ship rule's verdicts.
+
+    `datasets`: those the study set out to evaluate; one without enough tasks (none: its jobs never ran) keeps
+    every arm from shipping, as a failed arm's missing rows do."""
     table = scores(work)
-    datasets = sorted({d for d, _, _ in table})
+    missing = sorted(set(datasets) - {d for d, _, _ in table})
+    datasets = sorted(datasets)
     shots = " | ".join(f"{n}-shot" for n in SHOTS)
-    lines = [f"# Continued pretraining from DINOv2 ViT-S/14: {len(datasets)} held-out datasets, AUROC", ""]
+    done = len(datasets) - len(missing)
+    lines = [f"# Continued pretraining from DINOv2 ViT-S/14: {done} of {len(datasets)} held-out datasets, AUROC", ""]
     lines += ["Intervals: 95 % bootstrap over tasks, each fold's backbone fixed (pretraining noise: the seed rows).",
               ""]  # fmt: skip
+    if missing:
+        lines += [f"**Incomplete**: no evaluated task on {', '.join(missing)}.", ""]
     lines += ["## Mean AUROC", "", f"| variant | {shots} |", "|---" * (len(SHOTS) + 1) + "|"]
     present = {v for s in table.values() for v in s}
     for variant in [f"{p}_{a}" for p in ("adapt", "probe") for a in [REFERENCE, *arms, RANDOM]]:
@@ -142,7 +158,7 @@ def analyse(work: Path, arms: list[str]) -> dict:
                                resamples=RESAMPLES) for k in SHOTS]  # fmt: skip
             lines.append(_row(variant, cells))
     decision = {}
-    evaluated = {(n, d) for (d, _, n), s in table.items() if f"adapt_{REFERENCE}" in s}
+    evaluated = {(n, d) for d in datasets for n in SHOTS}
     for prefix in ("adapt", "probe"):
         lines += ["", f"## {prefix}: arm minus {prefix}_{REFERENCE}, paired by task (positive: the arm is better)", ""]
         lines += [f"| arm | dataset | {shots} |", "|---|---" + "|---" * len(SHOTS) + "|"]
@@ -177,8 +193,8 @@ def analyse(work: Path, arms: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="study folder (resumable)")
-    parser.add_argument("--data", type=Path, required=True, help="unpacked data224 folder")
-    parser.add_argument("--model", type=Path, required=True, help="the imported DINOv2 directory")
+    parser.add_argument("--data", type=Path, help="unpacked data224 folder (needed unless --analyse-only)")
+    parser.add_argument("--model", type=Path, help="the imported DINOv2 directory (needed unless --analyse-only)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--datasets", nargs="+", help="evaluate only these (smoke runs); folds stay whole")
     parser.add_argument("--minutes", type=float, default=2.0, help="wall-clock budget of each pretraining run")
@@ -189,6 +205,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=8, help="tasks per dataset and shot count")
     parser.add_argument("--analyse-only", action="store_true", help="only rebuild study.md from eval/")
     args = parser.parse_args()
+    if not args.analyse_only and (args.data is None or args.model is None):
+        parser.error("--data and --model are needed to run the study (only --analyse-only goes without)")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     if not args.analyse_only:
         random = random_copy(args.model, args.work / RANDOM)
@@ -197,7 +215,7 @@ def main() -> None:
         failed = {k: v for k, v in codes.items() if v}
         if failed:  # the tables still show what finished
             print(f"failed: {failed} (logs in {args.work / 'logs'})", flush=True)
-    analyse(args.work, args.arms)
+    analyse(args.work, args.arms, studied(args))
 
 
 if __name__ == "__main__":

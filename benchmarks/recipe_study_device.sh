@@ -68,7 +68,7 @@ EOF
     for log in "$root"/logs/*.log; do echo "$(basename "$log"): $(tail -n 1 "$log" | cut -c1-160)"; done
     for tag in "$@"; do
       [ -d "$root/study/$tag" ] && tar czf "$OUT/$tag.tgz" --exclude='*.safetensors' --exclude='*.bin' \
-        --exclude='*.pkl' --exclude=checkpoint -C "$root/study" "$tag"
+        --exclude='*.pkl' -C "$root/study" "$tag"
     done
     tar czf "$OUT/logs.tgz" -C "$root/logs" .
     ;;

@@ -533,3 +533,111 @@ def test_recipe_device_script_sets_up_starts_detached_and_polls(tmp_path):
                             "--out", str(root / "study" / "tune" / dataset), "--max-minutes", "60", "--chunk", "2",
                             "--shots", "5"]  # fmt: skip
             assert "done 1 of 1" in logs.extractfile(f"./tune.{dataset}.log").read().decode()
+
+
+STUB_CONTINUED_STUDY = """
+import json, pathlib, sys, time
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    work = pathlib.Path(args[args.index("--work") + 1])
+    (work / "pretrain" / "both" / "A" / "checkpoint").mkdir(parents=True)
+    (work / "args.json").write_text(json.dumps(args))
+    (work / "pretrain" / "both" / "A" / "model.safetensors").write_bytes(b"weights stay on the device")
+    (work / "pretrain" / "both" / "A" / "checkpoint" / "progress.json").write_text("{}")
+    time.sleep(2)
+    print("analysed")
+"""
+
+
+@pytest.mark.skipif(not all(map(shutil.which, DEVICE_TOOLS)), reason=f"needs {', '.join(DEVICE_TOOLS)}")
+def test_continued_study_device_mode_starts_detached_and_brings_back_tables_not_weights(tmp_path):
+    """`continued` runs continued_study.py detached on the device's model and data; `poll LIMIT continued` waits
+    for it and brings back its folder without weights (a returned file is at most 16 MiB), progress kept."""
+    import tarfile
+
+    project, env = _device_project(
+        tmp_path, "recipe_study_device.sh", "continued_study.py", STUB_CONTINUED_STUDY, ".devdata/d"
+    )
+    root, out = tmp_path / "root", tmp_path / "out"
+    env |= {"POLL_EVERY": "1"}
+    for args in (["continued", "--minutes", "1.5"], ["poll", "60", "continued"]):
+        command = ["bash", "benchmarks/recipe_study_device.sh", *args]
+        proc = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=120, check=False)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with tarfile.open(out / "continued.tgz") as study, tarfile.open(out / "logs.tgz") as logs:
+        args = json.load(study.extractfile("continued/args.json"))
+        assert args == ["--data", str(root / "data"), "--model", str(root / "model"),
+                        "--work", str(root / "study" / "continued"), "--minutes", "1.5"]  # fmt: skip
+        names = study.getnames()
+        assert "continued/pretrain/both/A/checkpoint/progress.json" in names
+        assert not [n for n in names if n.endswith(".safetensors")]
+        assert "analysed" in logs.extractfile("./continued.log").read().decode()
+
+
+def _continued_args(tmp_path: Path, **changes) -> argparse.Namespace:
+    defaults = {"work": tmp_path / "work", "data": tmp_path / "data", "model": tmp_path / "dinov2", "datasets": None,
+                "arms": ["both", "ssl", "both_seed1"], "minutes": 1.0, "max_steps": 5000, "batch": 64,
+                "concurrent": 2, "jobs": 4, "tasks": 8}  # fmt: skip
+    return argparse.Namespace(**defaults | changes)
+
+
+def test_continued_study_pretrains_without_each_fold_and_evaluates_on_the_fold_that_never_saw_it(tmp_path):
+    """Each arm once per fold, its datasets excluded, from the imported model; a run starts when the one
+    --concurrent places before it ended; each dataset's reference job (the import adapted and probed, the random
+    copy probed) needs nothing, an arm's waits for the fold run that never saw it; absent datasets are skipped."""
+    from continued_study import FOLDS, evaluation_jobs, pretrain_jobs
+
+    datasets = [d for ds in FOLDS.values() for d in ds]
+    args = _continued_args(tmp_path)
+    args.data.mkdir()
+    (args.data / "manifest.json").write_text(json.dumps({d: {} for d in datasets[1:]}))  # the first one absent
+    jobs = pretrain_jobs(args)
+    assert [j.name for j in jobs] == ["both-A", "both-B", "ssl-A", "ssl-B", "both_seed1-A", "both_seed1-B"]
+    assert [j.after_end for j in jobs] == [[], [], ["both-A"], ["both-B"], ["ssl-A"], ["ssl-B"]]
+    for job in jobs:
+        command = job.command
+        assert command[command.index("--exclude") + 1 : command.index("--max-minutes")] == FOLDS[job.name[-1]]
+        config = yaml.safe_load(Path(command[3]).read_text())
+        assert config["init_from"] == str(args.model.resolve()) and config["batch_size"] == 64
+        assert config["seed"] == (1 if job.name.startswith("both_seed1") else 0)
+    evaluations = {j.name: j for j in evaluation_jobs(args, tmp_path / "random")}
+    assert len(evaluations) == 4 * (len(datasets) - 1) and f"eval-{datasets[0]}-imported" not in evaluations
+    reference = evaluations["eval-wbc_type_bccd-imported"]
+    methods = yaml.safe_load(Path(reference.command[3]).read_text())["methods"]
+    assert reference.after == [] and {m["name"]: m["kind"] for m in methods} == {
+        "adapt_imported": "adapt", "probe_imported": "linear_probe", "probe_random": "linear_probe"
+    }  # fmt: skip
+    assert evaluations["eval-wbc_type_bccd-ssl"].after == ["ssl-A"] and "wbc_type_bccd" in FOLDS["A"]
+    (args.work / "pretrain" / "both" / "A").mkdir(parents=True)
+    (args.work / "pretrain" / "both" / "A" / "model.safetensors").touch()  # an exported run is kept
+    assert "both-A" not in {j.name for j in pretrain_jobs(args)}
+
+
+def test_continued_study_ships_only_with_every_dataset_evaluated(tmp_path):
+    """Issue #28's rule: >= +0.02 over the imported DINOv2 at 5 and 10 shots, interval above zero, no dataset
+    below -0.02; a dataset of the study without tasks (its jobs never ran) keeps every arm from shipping."""
+    import continued_study
+
+    arms = ["both", "ssl"]
+    zero = {f"{p}_{a}": 0.0 for p in ("adapt", "probe") for a in ["imported", *arms]} | {"probe_random": -0.1}
+    _study_rows(tmp_path / "eval" / "d1" / "x", "d1", zero | {"adapt_both": 0.03, "adapt_ssl": 0.05})
+    _study_rows(tmp_path / "eval" / "d2" / "x", "d2", zero | {"adapt_both": 0.02, "adapt_ssl": -0.03})
+    decision = continued_study.analyse(tmp_path, arms, ["d1", "d2"])
+    assert decision["both"]["ships"] and decision["both"]["overall"] == pytest.approx([0.025, 0.025])
+    assert not decision["ssl"]["ships"] and decision["ssl"]["worst_dataset"] == pytest.approx(-0.03)
+    study = (tmp_path / "study.md").read_text()
+    assert "| imported | 0.100 [" in study and "Incomplete" not in study  # frozen features minus the random copy
+    incomplete = continued_study.analyse(tmp_path, arms, ["d1", "d2", "d3"])["both"]
+    assert not incomplete["ships"] and incomplete["too_few_tasks"] == ["d3 10-shot: 0", "d3 5-shot: 0"]
+    assert "2 of 3 held-out datasets" in (tmp_path / "study.md").read_text()
+
+
+def test_run_jobs_after_end_waits_for_a_failed_job_and_runs_anyway(tmp_path):
+    """after: skipped when the prerequisite failed; after_end: waits for it to end, however it ended."""
+    from backbone_study import Job, run_jobs
+
+    fail = Job("fail", [sys.executable, "-c", "import sys, time; time.sleep(1); sys.exit(3)"])
+    waits = Job("waits", [sys.executable, "-c", "print('ran')"], after_end=["fail"])
+    skipped = Job("skipped", [sys.executable, "-c", "print('ran')"], after=["fail"])
+    assert run_jobs([fail, waits, skipped], tmp_path, parallel=3) == {"fail": 3, "waits": 0, "skipped": -1}
+    assert (tmp_path / "waits.log").read_text().strip() == "ran"
