@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import common  # noqa: F401  (the checkout's l2l_peft first on sys.path)
@@ -72,9 +73,10 @@ def random_copy(model: Path, out: Path) -> Path:
 
 
 def pretrain_jobs(args: argparse.Namespace) -> list[Job]:
-    """Each arm once per fold without that fold's datasets, at most --concurrent at once (a run starts when the one
+    """Each arm once per fold without that fold's datasets (the whole fold, also where --datasets picks part of it;
+    folds with no studied dataset are not trained), at most --concurrent at once (a run starts when the one
     --concurrent places before it ended; GPU memory, not time, limits how many DINO runs share one card)."""
-    jobs = []
+    jobs, needed = [], {fold_of(d) for d in studied(args)}
     for arm in args.arms:
         config = yaml.safe_load(Path(ARMS[arm]).read_text()) | ARM_SETTINGS.get(arm, {})
         config |= {"init_from": str(args.model.resolve()), "batch_size": args.batch, "steps": args.max_steps}
@@ -83,7 +85,7 @@ def pretrain_jobs(args: argparse.Namespace) -> list[Job]:
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         for fold, held_out in FOLDS.items():
             output = args.work / "pretrain" / arm / fold
-            if (output / "model.safetensors").is_file():
+            if fold not in needed or (output / "model.safetensors").is_file():
                 continue
             command = [
                 sys.executable, "-m", "l2l_peft.pretrain", str(path), "--npz-dir", str(args.data),
@@ -96,14 +98,14 @@ def pretrain_jobs(args: argparse.Namespace) -> list[Job]:
     return jobs
 
 
-def studied(args: argparse.Namespace) -> list[str]:
+def studied(args: argparse.Namespace, narrow: bool = True) -> list[str]:
     """The datasets this study evaluates: FOLDS' that the data folder holds (all when it is not here: tables made
-    elsewhere), narrowed by --datasets."""
+    elsewhere), narrowed by --datasets unless `narrow` is off (tables joined with --rows-from judge them all)."""
     manifest = None if args.data is None else args.data / "manifest.json"
     present = json.loads(manifest.read_text()) if manifest is not None and manifest.is_file() else None
     return [
         d for ds in FOLDS.values() for d in ds
-        if (present is None or d in present) and (args.datasets is None or d in args.datasets)
+        if (present is None or d in present) and (not narrow or args.datasets is None or d in args.datasets)
     ]  # fmt: skip
 
 
@@ -134,13 +136,14 @@ def _row(label: str, cells: list) -> str:
     return f"| {label} | " + " | ".join(c.format() for c in cells) + " |"
 
 
-def analyse(work: Path, arms: list[str], datasets: list[str]) -> dict:
+def analyse(work: Path, arms: list[str], datasets: list[str], earlier: Sequence[Path] = ()) -> dict:
     """study.md and decision.json: mean AUROC per variant; each arm minus the imported DINOv2 (adapted and probed),
     per dataset and overall; probes minus the random-init copy; the repeat seed; the ship rule's verdicts.
 
     `datasets`: those the study set out to evaluate; one without enough tasks (none: its jobs never ran) keeps
-    every arm from shipping, as a failed arm's missing rows do."""
-    table = scores(work)
+    every arm from shipping, as a failed arm's missing rows do. `earlier`: studies whose rows join this one's
+    (this one's replace a variant's row of the same task), e.g. a fold finished in another session."""
+    table = scores(work, earlier)
     missing = sorted(set(datasets) - {d for d, _, _ in table})
     datasets = sorted(datasets)
     shots = " | ".join(f"{n}-shot" for n in SHOTS)
@@ -150,6 +153,8 @@ def analyse(work: Path, arms: list[str], datasets: list[str]) -> dict:
               ""]  # fmt: skip
     if missing:
         lines += [f"**Incomplete**: no evaluated task on {', '.join(missing)}.", ""]
+    if earlier:
+        lines += [f"Rows also from: {', '.join(map(str, earlier))} (its pretraining runs are in its own study.md).", ""]
     lines += ["## Mean AUROC", "", f"| variant | {shots} |", "|---" * (len(SHOTS) + 1) + "|"]
     present = {v for s in table.values() for v in s}
     for variant in [f"{p}_{a}" for p in ("adapt", "probe") for a in [REFERENCE, *arms, RANDOM]]:
@@ -204,6 +209,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=4, help="evaluation processes at once (4-5 GB of GPU memory each)")
     parser.add_argument("--tasks", type=int, default=8, help="tasks per dataset and shot count")
     parser.add_argument("--analyse-only", action="store_true", help="only rebuild study.md from eval/")
+    parser.add_argument(
+        "--rows-from", nargs="+", type=Path, default=[], metavar="WORK",
+        help="earlier studies whose rows join this one's tables (e.g. the other fold, run in another session)",
+    )  # fmt: skip
     args = parser.parse_args()
     if not args.analyse_only and (args.data is None or args.model is None):
         parser.error("--data and --model are needed to run the study (only --analyse-only goes without)")
@@ -215,7 +224,7 @@ def main() -> None:
         failed = {k: v for k, v in codes.items() if v}
         if failed:  # the tables still show what finished
             print(f"failed: {failed} (logs in {args.work / 'logs'})", flush=True)
-    analyse(args.work, args.arms, studied(args))
+    analyse(args.work, args.arms, studied(args, narrow=not args.rows_from), args.rows_from)
 
 
 if __name__ == "__main__":

@@ -611,6 +611,10 @@ def test_continued_study_pretrains_without_each_fold_and_evaluates_on_the_fold_t
     (args.work / "pretrain" / "both" / "A").mkdir(parents=True)
     (args.work / "pretrain" / "both" / "A" / "model.safetensors").touch()  # an exported run is kept
     assert "both-A" not in {j.name for j in pretrain_jobs(args)}
+    fold_b = pretrain_jobs(_continued_args(tmp_path, datasets=["covid_ct_ucsd"]))  # only the fold that is studied
+    assert [j.name for j in fold_b] == ["both-B", "ssl-B", "both_seed1-B"]
+    command = fold_b[0].command
+    assert command[command.index("--exclude") + 1 : command.index("--max-minutes")] == FOLDS["B"]  # all of it
 
 
 def test_continued_study_ships_only_with_every_dataset_evaluated(tmp_path):
@@ -630,6 +634,10 @@ def test_continued_study_ships_only_with_every_dataset_evaluated(tmp_path):
     incomplete = continued_study.analyse(tmp_path, arms, ["d1", "d2", "d3"])["both"]
     assert not incomplete["ships"] and incomplete["too_few_tasks"] == ["d3 10-shot: 0", "d3 5-shot: 0"]
     assert "2 of 3 held-out datasets" in (tmp_path / "study.md").read_text()
+    later = tmp_path / "later"  # d3 finished in another session: the tables join both studies' rows
+    _study_rows(later / "eval" / "d3" / "x", "d3", zero | {"adapt_both": 0.025})
+    joined = continued_study.analyse(later, arms, ["d1", "d2", "d3"], earlier=[tmp_path])["both"]
+    assert joined["ships"] and joined["overall"] == pytest.approx([0.025, 0.025])
 
 
 def test_run_jobs_after_end_waits_for_a_failed_job_and_runs_anyway(tmp_path):
