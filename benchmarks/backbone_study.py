@@ -427,8 +427,13 @@ def analyse(work: Path, arms: list[str], reference: str = REFERENCE, earlier: Se
         cells = [compare(table, f"{p}_{arm}", f"{p}_{baseline}", n) for p in ("adapt", "probe") for n in SHOTS]
         lines.append(f"| {arm} | {baseline} | " + " | ".join(c.format() for c in cells) + " |")
     rule = f"ships if every shot count gains >= {GAIN}, CI low > 0, no dataset < {WORST}, >= {MIN_TASKS} tasks a cell"
+    return write_study(work, lines, decision, rule, "all at once on one GPU")
+
+
+def write_study(work: Path, lines: list[str], decision: dict, rule: str, runs_note: str) -> dict:
+    """study.md (`lines`, then the decision under `rule` and the pretraining runs) and decision.json; printed too."""
     lines += ["", f"## Decision ({rule})", "", "```", json.dumps(decision, indent=1), "```", ""]
-    lines += ["## Pretraining runs (all at once on one GPU)", "", *runs(work), ""]
+    lines += [f"## Pretraining runs ({runs_note})", "", *runs(work), ""]
     (work / "study.md").write_text("\n".join(lines))
     (work / "decision.json").write_text(json.dumps(decision, indent=1) + "\n")
     print("\n".join(lines), flush=True)

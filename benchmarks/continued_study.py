@@ -29,7 +29,7 @@ from pathlib import Path
 
 import common  # noqa: F401  (the checkout's l2l_peft first on sys.path)
 import yaml
-from backbone_study import Job, compare, evaluation_config, gpu_count, run_jobs, runs, scores, verdict
+from backbone_study import Job, compare, evaluation_config, gpu_count, run_jobs, scores, verdict, write_study
 
 from l2l_peft.experiments.results import bootstrap
 
@@ -187,12 +187,7 @@ def analyse(work: Path, arms: list[str], datasets: list[str], earlier: Sequence[
             cells = [compare(table, f"{p}_{arm}", f"{p}_{of}", n) for p in ("adapt", "probe") for n in SHOTS]
             lines.append(_row(f"{arm} - {of}", cells))
     rule = f"ships if every shot count gains >= {GAIN}, CI low > 0, no dataset < {WORST}"
-    lines += ["", f"## Decision ({rule})", "", "```", json.dumps(decision, indent=1), "```", ""]
-    lines += ["## Pretraining runs (several at once on one GPU)", "", *runs(work), ""]
-    (work / "study.md").write_text("\n".join(lines))
-    (work / "decision.json").write_text(json.dumps(decision, indent=1) + "\n")
-    print("\n".join(lines), flush=True)
-    return decision
+    return write_study(work, lines, decision, rule, "several at once on one GPU")
 
 
 def main() -> None:
