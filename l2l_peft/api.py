@@ -13,6 +13,7 @@ from accelerate.utils import set_seed
 
 from .adapters import apply_method, trainable_parameters
 from .backbone import FeatureExtractor, load_backbone
+from .budget import full_depth_fits
 from .config import AdaptConfig, HeadInit, Method, make_config
 from .frozen import FEATURE_METHODS, fit_head, fit_prototypes
 from .head import Classifier, Head
@@ -115,9 +116,10 @@ def run(task: Any, config: AdaptConfig | None = None, **overrides: Any) -> Adapt
     time left allows it, so a slow machine gets the first member alone instead of a late answer.
     """
     start = time.monotonic()
-    config = make_config(config, **overrides).with_env().concrete()
+    config = make_config(config, **overrides).with_env()
     deadline = start + config.time_budget if config.time_budget else None
     data = task if isinstance(task, TaskData) else load_task(task if not isinstance(task, Path) else str(task))
+    config = config.concrete(full_depth=len(data.query_images) > 0 and full_depth_fits(data, config, deadline))
     accelerator = make_accelerator(config.precision, cpu=config.cpu)
     result = AdaptResult(
         torch.empty(0, output_size(data.target, data.classes)), config, precision=accelerator.mixed_precision

@@ -191,15 +191,18 @@ class AdaptConfig:
         """The ensemble's members in training order (one for a single method)."""
         return tuple(Method(m) for m in self.method.split("+"))
 
-    def concrete(self) -> AdaptConfig:
+    def concrete(self, *, full_depth: bool = False) -> AdaptConfig:
         """`method="auto"` made the recipe for the device this config runs on: the lora+full ensemble on a GPU;
         on a CPU, where that ensemble on a ViT-S takes minutes, LoRA alone on the last CPU_LAST_BLOCKS blocks
-        over cached frozen-prefix outputs (docs/recipe_foundation.md has the figures of both)."""
+        over cached frozen-prefix outputs, or on every block with `full_depth` (budget.full_depth_fits: the
+        time budget allows it); docs/recipe_foundation.md has the figures."""
         if self.methods != (Method.AUTO,):
             return self
         import torch
 
         if self.cpu or not torch.cuda.is_available():
+            if full_depth and self.lora_last_blocks is None:
+                return dataclasses.replace(self, method=Method.LORA.value)
             blocks = self.lora_last_blocks or CPU_LAST_BLOCKS
             views = 0 if self.transductive else self.prefix_views  # the query term needs every block each step
             return dataclasses.replace(self, method=Method.LORA.value, lora_last_blocks=blocks, prefix_views=views)

@@ -182,6 +182,36 @@ def test_auto_is_the_ensemble_on_a_gpu_and_lora_on_the_last_blocks_on_a_cpu(monk
         AdaptConfig(method="auto+lora")
 
 
+def test_a_cpu_budget_that_allows_it_trains_every_block(vit_dir, monkeypatch, caplog):
+    """auto on a CPU: LoRA on every block when the timed forward pass says a whole run fits in SHARE of the budget,
+    the last blocks when it does not or when there is no budget (the forward pass is then not timed); a chosen
+    depth or method stays."""
+    from l2l_peft import budget
+
+    timed = []
+
+    def seconds(extractor, images):  # this machine's speed, as the probe would find it
+        timed.append(len(images))
+        return speed
+
+    monkeypatch.setattr(budget, "seconds_per_image", seconds)
+    task, _ = make_task(n_support=8, n_query=4)
+    common = {"model": str(vit_dir), "cpu": True, "max_steps": 2}
+    speed = 1e-4  # 2 steps of 8 images x 3 + 4 query images: 0.007 s of 600
+    with caplog.at_level("INFO", logger="l2l_peft.budget"):
+        fast = run(task, time_budget=600, **common)
+    assert (fast.config.method, fast.config.lora_last_blocks, timed) == ("lora", None, [budget.PROBE_IMAGES])
+    assert "training every block" in caplog.text and fast.probabilities.shape[0] == 4
+    speed = 10.0  # 0.7 min of forward passes per step: 8 min estimated against 0.8 x 60 s
+    assert run(task, time_budget=60, **common).config.lora_last_blocks == CPU_LAST_BLOCKS
+    timed.clear()
+    assert run(task, **common).config.lora_last_blocks == CPU_LAST_BLOCKS and not timed  # no budget: not timed
+    speed = 1e-4
+    assert run(task, time_budget=600, lora_last_blocks=2, **common).config.lora_last_blocks == 2
+    assert run(task, time_budget=600, method="lora", **common).config.lora_last_blocks is None
+    assert not timed
+
+
 def test_full_trains_at_lr_full_with_layer_decay(vit_dir):
     """Under method full, block i of L trains at lr_full * decay ** (L - i); LoRA keeps lr_adapter, no decay."""
     from l2l_peft.api import build_classifier
