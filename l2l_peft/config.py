@@ -94,7 +94,7 @@ class AdaptConfig:
         "prototypes and linear-probe fit only the head on frozen features); "
         "several joined by '+' are trained one after the other and their query probabilities averaged, a "
         "later one only when the time budget leaves room for it; auto: lora+full on a GPU, lora on the last "
-        "4 blocks on a CPU (docs/recipe_foundation.md)",
+        "4 blocks on a CPU, on every block where the time budget allows it (docs/recipe_foundation.md)",
         default=Method.AUTO.value,
     )
     lora_rank: int = _help("rank of LoRA-family adapters", default=16)
