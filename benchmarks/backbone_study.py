@@ -24,6 +24,7 @@ and results.jsonl), study.md and decision.json. A rerun keeps exported backbones
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -263,6 +264,14 @@ def evaluation_config(
     }  # fmt: skip
 
 
+def experiment_job(name: str, out: Path, config: dict, after: list[str]) -> Job:
+    """A job running the experiments `config` (written to out/experiment.yaml) into `out` once `after` ended well."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "experiment.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    command = [sys.executable, "-m", "l2l_peft.experiments", str(out / "experiment.yaml"), "--output", str(out)]
+    return Job(name, command, after)
+
+
 @cache
 def shipped_model() -> tuple[Path, list[str] | None]:
     """The backbone trained here (l2l-vit-tiny-med, the default until issue #27) and the datasets it was pretrained
@@ -295,21 +304,10 @@ def evaluation_jobs(args: argparse.Namespace, staged: list[str]) -> list[Job]:
         for dataset in datasets:
             for arm in args.arms:
                 arms = references(arm, dataset)
-                out = args.work / "eval" / dataset / arm
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "experiment.yaml").write_text(
-                    yaml.safe_dump(experiment_config(dataset, fold, arms, args), sort_keys=False)
-                )
-                command = [
-                    sys.executable,
-                    "-m",
-                    "l2l_peft.experiments",
-                    str(out / "experiment.yaml"),
-                    "--output",
-                    str(out),
-                ]
+                config = experiment_config(dataset, fold, arms, args)
                 after = [f"{arm}-{fold}"] + (["random"] if "random" in arms else [])
-                jobs.append(Job(f"eval-{dataset}-{arm}", command, after, after_start=staged))
+                job = experiment_job(f"eval-{dataset}-{arm}", args.work / "eval" / dataset / arm, config, after)
+                jobs.append(dataclasses.replace(job, after_start=staged))
     return jobs
 
 

@@ -29,7 +29,18 @@ from pathlib import Path
 
 import common  # noqa: F401  (the checkout's l2l_peft first on sys.path)
 import yaml
-from backbone_study import Job, compare, evaluation_config, gpu_count, run_jobs, scores, verdict, write_study
+from backbone_study import (
+    RESAMPLES,
+    Job,
+    compare,
+    evaluation_config,
+    experiment_job,
+    gpu_count,
+    run_jobs,
+    scores,
+    verdict,
+    write_study,
+)
 
 from l2l_peft.experiments.results import bootstrap
 
@@ -52,7 +63,6 @@ SHOTS = [5, 10]
 # the ship rule: +0.02 at 5 and 10 shots, interval above zero, no dataset worse by more than 0.02; its goal
 # for frozen features: the probe beats a random-init copy by FROZEN_GOAL
 GAIN, WORST, FROZEN_GOAL = 0.02, -0.02, 0.08
-RESAMPLES = 2000
 
 
 def fold_of(dataset: str) -> str:
@@ -124,11 +134,8 @@ def evaluation_jobs(args: argparse.Namespace, random: Path) -> list[Job]:
             out = args.work / "eval" / dataset / name
             if (out / "results.jsonl").is_file():
                 continue
-            out.mkdir(parents=True, exist_ok=True)
             config = evaluation_config(dataset, args.data, args.tasks, SHOTS, backbones)
-            (out / "experiment.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-            command = [sys.executable, "-m", "l2l_peft.experiments", str(out / "experiment.yaml"), "--output", str(out)]
-            jobs.append(Job(f"eval-{dataset}-{name}", command, after))
+            jobs.append(experiment_job(f"eval-{dataset}-{name}", out, config, after))
     return jobs
 
 

@@ -40,8 +40,7 @@ def seconds_per_image(extractor: FeatureExtractor, images: torch.Tensor) -> floa
 def full_depth_fits(data: TaskData, config: AdaptConfig, deadline: float | None) -> bool:
     """True when `method="auto"` runs on a CPU with a deadline, leaves the depth to the default, and a full-depth
     LoRA run is estimated to fit in SHARE of the time left."""
-    on_cpu = config.cpu or not torch.cuda.is_available()
-    if config.methods != (Method.AUTO,) or config.lora_last_blocks is not None or not on_cpu or deadline is None:
+    if config.methods != (Method.AUTO,) or config.lora_last_blocks is not None or not config.on_cpu or deadline is None:
         return False
     extractor = load_backbone(config.model, config.cache_dir)  # cached: fit() gets a copy without reading again
     per_image = seconds_per_image(extractor, data.support_images[:PROBE_IMAGES])

@@ -191,6 +191,13 @@ class AdaptConfig:
         """The ensemble's members in training order (one for a single method)."""
         return tuple(Method(m) for m in self.method.split("+"))
 
+    @property
+    def on_cpu(self) -> bool:
+        """Whether this config trains on the CPU: asked for (`cpu`), or no GPU is present."""
+        import torch
+
+        return self.cpu or not torch.cuda.is_available()
+
     def concrete(self, *, full_depth: bool = False) -> AdaptConfig:
         """`method="auto"` made the recipe for the device this config runs on: the lora+full ensemble on a GPU;
         on a CPU, where that ensemble on a ViT-S takes minutes, LoRA alone on the last CPU_LAST_BLOCKS blocks
@@ -198,9 +205,7 @@ class AdaptConfig:
         time budget allows it); docs/recipe_foundation.md has the figures."""
         if self.methods != (Method.AUTO,):
             return self
-        import torch
-
-        if self.cpu or not torch.cuda.is_available():
+        if self.on_cpu:
             if full_depth and self.lora_last_blocks is None:
                 return dataclasses.replace(self, method=Method.LORA.value)
             blocks = self.lora_last_blocks or CPU_LAST_BLOCKS
