@@ -649,3 +649,16 @@ def test_run_jobs_after_end_waits_for_a_failed_job_and_runs_anyway(tmp_path):
     skipped = Job("skipped", [sys.executable, "-c", "print('ran')"], after=["fail"])
     assert run_jobs([fail, waits, skipped], tmp_path, parallel=3) == {"fail": 3, "waits": 0, "skipped": -1}
     assert (tmp_path / "waits.log").read_text().strip() == "ran"
+
+
+def test_runs_table_reads_the_log_when_the_progress_file_stayed_on_the_device(tmp_path):
+    """A run folder brought back without checkpoint/progress.json still gets its row: steps and seconds from the
+    last log line (the final step is always logged), images unknown."""
+    from backbone_study import runs
+
+    run = tmp_path / "pretrain" / "both" / "A"
+    run.mkdir(parents=True)
+    records = [{"step": 25, "loss": 9.9, "images_per_s": 140.0, "seconds": 12.0},
+               {"step": 50, "loss": 9.5, "images_per_s": 150.0, "seconds": 24.4}]  # fmt: skip
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert runs(tmp_path)[2:] == ["| pretrain/both/A | 50 | n/a | 24 | 150 | 9.500 |"]
