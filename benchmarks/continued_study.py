@@ -120,20 +120,21 @@ def studied(args: argparse.Namespace, narrow: bool = True) -> list[str]:
 
 
 def evaluation_jobs(args: argparse.Namespace, random: Path) -> list[Job]:
-    """Per dataset: the reference job (imported DINOv2 adapted and probed, the random copy probed) at once, and one
-    job per arm once its fold's backbone exists."""
-    jobs = []
+    """The reference job of every dataset (imported DINOv2 adapted and probed, the random copy probed) at once, then
+    arm by arm (in --arms order) one job per dataset once its fold's backbone exists: a run cut short by the GPU
+    budget leaves whole arms unevaluated rather than whole datasets, so the arms it finished can still be judged."""
     imported = args.model.resolve()
-    for dataset in studied(args):
-        fold = fold_of(dataset)
-        wanted = {REFERENCE: ({"adapt": {REFERENCE: imported}, "probe": {REFERENCE: imported, RANDOM: random}}, [])}
-        for arm in args.arms:
-            model = (args.work / "pretrain" / arm / fold).resolve()
-            wanted[arm] = ({"adapt": {arm: model}, "probe": {arm: model}}, [f"{arm}-{fold}"])
-        for name, (backbones, after) in wanted.items():
+    jobs = []
+    for name in [REFERENCE, *args.arms]:
+        for dataset in studied(args):
             out = args.work / "eval" / dataset / name
             if (out / "results.jsonl").is_file():
                 continue
+            if name == REFERENCE:
+                backbones, after = {"adapt": {name: imported}, "probe": {name: imported, RANDOM: random}}, []
+            else:
+                model = (args.work / "pretrain" / name / fold_of(dataset)).resolve()
+                backbones, after = {"adapt": {name: model}, "probe": {name: model}}, [f"{name}-{fold_of(dataset)}"]
             config = evaluation_config(dataset, args.data, args.tasks, SHOTS, backbones)
             jobs.append(experiment_job(f"eval-{dataset}-{name}", out, config, after))
     return jobs

@@ -602,6 +602,8 @@ def test_continued_study_pretrains_without_each_fold_and_evaluates_on_the_fold_t
         assert config["seed"] == (1 if job.name.startswith("both_seed1") else 0)
     evaluations = {j.name: j for j in evaluation_jobs(args, tmp_path / "random")}
     assert len(evaluations) == 4 * (len(datasets) - 1) and f"eval-{datasets[0]}-imported" not in evaluations
+    order = [name.rsplit("-", 1)[1] for name in evaluations]  # arm by arm: a cut-short run leaves whole arms out
+    assert order == [arm for arm in ["imported", *args.arms] for _ in datasets[1:]]
     reference = evaluations["eval-wbc_type_bccd-imported"]
     methods = yaml.safe_load(Path(reference.command[3]).read_text())["methods"]
     assert reference.after == [] and {m["name"]: m["kind"] for m in methods} == {
