@@ -268,6 +268,7 @@ def plan(smoke: bool) -> tuple[list[tuple], list[tuple], list[tuple]]:
         ),
         ("default vit-b16 s500", "vit-b16", 500, 500, {}),
         ("default vit-b16 s50 q2000", "vit-b16", 50, 2000, {}),
+        ("S14 50: LoRA alone (the default's first member)", "dinov2-s14", 50, 500, dict(method="lora")),
         ("B50: lora only", "vit-b16", 50, 500, dict(method="lora")),
         ("B50: full only", "vit-b16", 50, 500, dict(method="full")),
         ("B50: no CUDA graphs", "vit-b16", 50, 500, dict(cuda_graphs=False)),
@@ -345,8 +346,9 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     peak = matmul_peak(256 if args.smoke else 8192)
     print(f"{device}: matmul peak {peak:.0f} TFLOP/s", flush=True)
-    adapt_rows, ref_rows, cli_rows = plan(args.smoke)
     pick = lambda rows: [r for r in rows if any(k in r[0] for k in args.only.split(","))]
+    adapt_rows, ref_rows, cli_rows = map(pick, plan(args.smoke))
+    # only the architectures of the picked rows: each costs a save and a warm-up run (ViT-L: many seconds)
     dirs = {
         arch: save_model(arch, args.models, size)
         for arch in dict.fromkeys(r[1] for r in adapt_rows + ref_rows + cli_rows)
@@ -370,16 +372,16 @@ def main() -> None:
         )
         (args.out / "bench_adapt.md").write_text(markdown(rows, peak, device, command))
 
-    for name, arch, support, query, ref in pick(ref_rows):
+    for name, arch, support, query, ref in ref_rows:
         record(name, functools.partial(run_reference, name, arch, dirs[arch], support, query, size, peak, ref))
-    for name, arch, support, query, options in pick(adapt_rows):
+    for name, arch, support, query, options in adapt_rows:
         options = dict(options)
         storage = options.pop("storage", "stream")
         measure = functools.partial(
             run_adapt, name, arch, dirs[arch], support, query, size, peak, args.repeats, options, storage=storage
         )
         record(name, measure)
-    for name, arch, support, query, extra in pick(cli_rows):
+    for name, arch, support, query, extra in cli_rows:
         runs = 2 if args.smoke else args.cli_runs
         measure = functools.partial(
             run_cli, name, arch, dirs[arch], support, query, size, args.models, extra, runs=runs, python=args.cli_python
