@@ -269,6 +269,7 @@ def plan(smoke: bool) -> tuple[list[tuple], list[tuple], list[tuple]]:
         ("default vit-b16 s500", "vit-b16", 500, 500, {}),
         ("default vit-b16 s50 q2000", "vit-b16", 50, 2000, {}),
         ("S14 50: LoRA alone (the default's first member)", "dinov2-s14", 50, 500, dict(method="lora")),
+        ("S14 50: default, full member on the last 6 blocks", "dinov2-s14", 50, 500, dict(full_last_blocks=6)),
         ("B50: lora only", "vit-b16", 50, 500, dict(method="lora")),
         ("B50: full only", "vit-b16", 50, 500, dict(method="full")),
         ("B50: no CUDA graphs", "vit-b16", 50, 500, dict(cuda_graphs=False)),

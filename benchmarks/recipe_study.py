@@ -59,6 +59,8 @@ RECIPES: dict[str, dict] = {
     "lora_head1e-3": {"method": "lora", "lr_head": 1e-3},
     "lora_zero": {"method": "lora", "head_init": "zero"},
     "lora_last4": {"method": "lora", "lora_last_blocks": 4},
+    # issue #27's speed lever: the full member's first 6 blocks (<= 0.082x its rate under decay 0.7) frozen, cached
+    "full_llrd_last6": {"method": "full", "lr_full": 1e-4, "layer_decay": 0.7, "full_last_blocks": 6},
 }
 FEATURES_OF = "lora"  # the recipe whose adapted features are kept for transductive rules
 

@@ -34,6 +34,15 @@ _PEFT_METHODS = {Method.LORA, Method.DORA, Method.LOHA, Method.LOKR, Method.IA3,
 VERA_RANK = 256  # VeRA shares frozen random projections, so it needs a far higher rank than LoRA (paper default)
 
 
+def blocks(model: nn.Module) -> list[str]:
+    """Names of the transformer blocks in execution order (innermost numbered modules holding Linear layers)."""
+    found = [
+        m.group(1) for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and (m := BLOCK.match(name))
+    ]
+    names = list(dict.fromkeys(found))
+    return [n for n in names if not any(other.startswith(n + ".") for other in names)]  # Swin: blocks, not stages
+
+
 def _role(name: str) -> str | None:
     leaf = name.rsplit(".", 1)[-1]
     if leaf in _LEAF_ROLES:
@@ -114,7 +123,11 @@ def apply_method(backbone_model: nn.Module, config: AdaptConfig) -> nn.Module:
                 if name.endswith("bias") or _is_norm_param(backbone_model, name):
                     param.requires_grad_(True)
         case Method.FULL:
-            backbone_model.requires_grad_(True)
+            if config.full_last_blocks is None:
+                backbone_model.requires_grad_(True)
+            else:  # only the last k blocks: nothing before them trains, so prefix caching applies
+                for block in blocks(backbone_model)[-config.full_last_blocks :]:
+                    backbone_model.get_submodule(block).requires_grad_(True)
         case Method.HEAD | Method.PROTOTYPES | Method.LINEAR_PROBE:
             pass  # only the head is fitted
         case other:

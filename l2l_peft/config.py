@@ -109,8 +109,8 @@ class AdaptConfig:
         default=None,
     )
     prefix_views: int = _help(
-        "with lora_last_blocks: augmented views per support image whose frozen-block output is cached "
-        "once (training then samples among them); 0 runs the frozen blocks every step",
+        "with lora_last_blocks or full_last_blocks: augmented views per support image whose frozen-block output "
+        "is cached once (training then samples among them); 0 runs the frozen blocks every step",
         default=4,
     )
     cuda_graphs: bool = _help(
@@ -130,6 +130,12 @@ class AdaptConfig:
         "layer-wise learning-rate decay under method full: block i of L trains at lr_full * layer_decay ** (L - i), "
         "the embeddings one factor lower still, the final norm at lr_full; 1 gives every layer the same rate",
         default=0.7,
+    )
+    full_last_blocks: int | None = _help(
+        "under method full, train only the last k transformer blocks (None: every weight); the embeddings, the "
+        "blocks before them and the final norm stay frozen, so, as with lora_last_blocks, the frozen blocks run "
+        "once per cached view (prefix_views), not every step",
+        default=None,
     )
     weight_decay: float = _help("AdamW weight decay (adapters and head)", default=1e-4)
     warmup_frac: float = _help("fraction of steps with linear warm-up before the cosine decay", default=0.1)
@@ -174,9 +180,12 @@ class AdaptConfig:
             raise ValueError(f"AdaptConfig.time_budget must be > 0 seconds, got {_short(self.time_budget)}")
         if self.lora_last_blocks is not None and self.lora_last_blocks < 1:
             raise ValueError(f"AdaptConfig.lora_last_blocks must be >= 1 or None, got {_short(self.lora_last_blocks)}")
-        if self.transductive and self.lora_last_blocks and self.prefix_views:
+        if self.full_last_blocks is not None and self.full_last_blocks < 1:
+            raise ValueError(f"AdaptConfig.full_last_blocks must be >= 1 or None, got {_short(self.full_last_blocks)}")
+        if self.transductive and (self.lora_last_blocks or self.full_last_blocks) and self.prefix_views:
             raise ValueError(
-                "AdaptConfig.transductive needs the query images every step: with lora_last_blocks set prefix_views=0"
+                "AdaptConfig.transductive needs the query images every step: with lora_last_blocks or "
+                "full_last_blocks set prefix_views=0"
             )
         if self.lora_alpha <= 0:
             raise ValueError(f"AdaptConfig.lora_alpha must be > 0, got {_short(self.lora_alpha)}")

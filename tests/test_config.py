@@ -51,6 +51,8 @@ def test_cli_choices_come_from_the_enums():
         ("lora_dropout", -0.1),
         ("warmup_frac", 1.0),
         ("transductive", -0.5),
+        ("lora_last_blocks", 0),
+        ("full_last_blocks", 0),
     ],
 )
 def test_out_of_range_is_an_error_not_clamped(field, value):
@@ -71,3 +73,5 @@ def test_transductive_needs_images_every_step():
     with pytest.raises(ValueError, match="AdaptConfig.transductive needs the query images every step"):
         AdaptConfig(transductive=0.5, lora_last_blocks=2)
     AdaptConfig(transductive=0.5, lora_last_blocks=2, prefix_views=0)  # blocks run every step: fine
+    with pytest.raises(ValueError, match="AdaptConfig.transductive needs the query images every step"):
+        AdaptConfig(transductive=0.5, full_last_blocks=2)

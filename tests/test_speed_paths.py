@@ -11,6 +11,7 @@ from conftest import make_task
 from torchcross.data.task import TaskTarget
 
 from l2l_peft import run
+from l2l_peft.adapters import blocks
 from l2l_peft.api import build_classifier
 from l2l_peft.backbone import load_backbone
 from l2l_peft.config import AdaptConfig
@@ -28,6 +29,23 @@ def test_prefix_cache_trains_like_the_full_model(model_dirs, family):
     task, _ = make_task(TaskTarget.MULTICLASS_CLASSIFICATION)
     cached = run(task, model=str(model_dirs[family]), **EXACT)
     plain = run(task, model=str(model_dirs[family]), prefix_views=0, **EXACT)
+    assert cached.train.steps == plain.train.steps == 6
+    assert cached.train.final_loss == pytest.approx(plain.train.final_loss, rel=1e-4, abs=1e-5)
+    torch.testing.assert_close(cached.probabilities, plain.probabilities, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["vit", "dinov2"])
+def test_full_member_on_the_last_blocks_trains_only_them_and_caches_the_rest(model_dirs, family):
+    """method full with full_last_blocks: only the last block's weights train (the embeddings, earlier blocks and
+    final norm stay as loaded), and training over the cached prefix matches running every block each step."""
+    extractor = _extractor(model_dirs[family], method="full", full_last_blocks=1)
+    last = blocks(extractor.model)[-1]
+    trainable = [n for n, p in extractor.model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith(last + ".") for n in trainable)
+    task, _ = make_task(TaskTarget.MULTICLASS_CLASSIFICATION)
+    exact = {**EXACT, "method": "full", "lora_last_blocks": None, "full_last_blocks": 1}
+    cached = run(task, model=str(model_dirs[family]), **exact)
+    plain = run(task, model=str(model_dirs[family]), prefix_views=0, **exact)
     assert cached.train.steps == plain.train.steps == 6
     assert cached.train.final_loss == pytest.approx(plain.train.final_loss, rel=1e-4, abs=1e-5)
     torch.testing.assert_close(cached.probabilities, plain.probabilities, rtol=1e-4, atol=1e-5)
@@ -54,6 +72,8 @@ def _extractor(vit_dir, **overrides):
         (dict(lora_last_blocks=2), 0),  # the tiny model has 2 blocks
         (dict(method="bitfit", lora_last_blocks=1), 0),  # BitFit trains every block's biases
         (dict(method="vpt-deep", lora_last_blocks=1), 0),  # prompts live outside the blocks
+        (dict(method="full", full_last_blocks=1), 1),
+        (dict(method="full"), 0),  # every weight trains, the embeddings too
     ],
 )
 def test_frozen_prefix_only_when_nothing_before_it_trains(vit_dir, overrides, n_frozen):

@@ -26,7 +26,7 @@ from common import fresh_accelerate, make_task, matmul_peak, save_model, step_fl
 from torch.nn.attention import SDPBackend
 
 from l2l_peft import api
-from l2l_peft.speed.prefix import blocks
+from l2l_peft.adapters import blocks
 from l2l_peft.task import load_task
 
 BUILD = api.build_classifier

@@ -21,11 +21,11 @@ from contextlib import AbstractContextManager, contextmanager
 import torch
 from torch import nn
 
-from ..adapters import BLOCK
+from ..adapters import blocks
 from ..augment import augment
 from ..backbone import FeatureExtractor
 from ..batches import SupportBatches
-from ..config import AdaptConfig
+from ..config import AdaptConfig, Method
 from ..head import Classifier
 
 
@@ -48,15 +48,6 @@ class _StandIn(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         out = self.replay if self.replay is not None else hidden_states
         return out if self.extras is None else (out,) + (None,) * self.extras
-
-
-def blocks(model: nn.Module) -> list[str]:
-    """Names of the transformer blocks in execution order (innermost numbered modules holding Linear layers)."""
-    found = [
-        m.group(1) for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and (m := BLOCK.match(name))
-    ]
-    names = list(dict.fromkeys(found))
-    return [n for n in names if not any(other.startswith(n + ".") for other in names)]  # Swin: blocks, not stages
 
 
 def frozen_prefix(extractor: FeatureExtractor) -> list[str]:
@@ -174,7 +165,8 @@ def prefix_batches(
     generator: torch.Generator,
 ) -> PrefixBatches | None:
     """A cache of the frozen blocks' output when only the last blocks are adapted; None where caching does not apply."""
-    frozen = frozen_prefix(model.extractor) if config.lora_last_blocks and config.prefix_views else []
+    last_blocks = config.full_last_blocks if config.methods == (Method.FULL,) else config.lora_last_blocks
+    frozen = frozen_prefix(model.extractor) if last_blocks and config.prefix_views else []
     if not frozen:
         return None
     cache = PrefixCache(
