@@ -123,18 +123,19 @@ def evaluation_jobs(args: argparse.Namespace, random: Path) -> list[Job]:
     """The reference job of every dataset (imported DINOv2 adapted and probed, the random copy probed) at once, then
     arm by arm (in --arms order) one job per dataset once its fold's backbone exists: a run cut short by the GPU
     budget leaves whole arms unevaluated rather than whole datasets, so the arms it finished can still be judged."""
-    imported = args.model.resolve()
+    imported, datasets = args.model.resolve(), studied(args)
     jobs = []
     for name in [REFERENCE, *args.arms]:
-        for dataset in studied(args):
+        for dataset in datasets:
             out = args.work / "eval" / dataset / name
             if (out / "results.jsonl").is_file():
                 continue
             if name == REFERENCE:
                 backbones, after = {"adapt": {name: imported}, "probe": {name: imported, RANDOM: random}}, []
             else:
-                model = (args.work / "pretrain" / name / fold_of(dataset)).resolve()
-                backbones, after = {"adapt": {name: model}, "probe": {name: model}}, [f"{name}-{fold_of(dataset)}"]
+                fold = fold_of(dataset)
+                model = (args.work / "pretrain" / name / fold).resolve()
+                backbones, after = {"adapt": {name: model}, "probe": {name: model}}, [f"{name}-{fold}"]
             config = evaluation_config(dataset, args.data, args.tasks, SHOTS, backbones)
             jobs.append(experiment_job(f"eval-{dataset}-{name}", out, config, after))
     return jobs

@@ -68,8 +68,7 @@ def find_target_modules(
             f"({', '.join(n for n, _ in linear[:6])}, ...); this architecture is not supported for adapters"
         )
     if last_blocks is not None:
-        blocks = list(dict.fromkeys(BLOCK.match(n).group(1) for n in chosen))
-        keep = set(blocks[-last_blocks:])
+        keep = set(blocks(model)[-last_blocks:])
         chosen = [n for n in chosen if BLOCK.match(n).group(1) in keep]
     return chosen
 

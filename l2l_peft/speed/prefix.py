@@ -25,7 +25,7 @@ from ..adapters import blocks
 from ..augment import augment
 from ..backbone import FeatureExtractor
 from ..batches import SupportBatches
-from ..config import AdaptConfig, Method
+from ..config import AdaptConfig
 from ..head import Classifier
 
 
@@ -164,9 +164,9 @@ def prefix_batches(
     autocast: Callable[[], AbstractContextManager],
     generator: torch.Generator,
 ) -> PrefixBatches | None:
-    """A cache of the frozen blocks' output when only the last blocks are adapted; None where caching does not apply."""
-    last_blocks = config.full_last_blocks if config.methods == (Method.FULL,) else config.lora_last_blocks
-    frozen = frozen_prefix(model.extractor) if last_blocks and config.prefix_views else []
+    """A cache of the frozen blocks' output when only the last blocks are adapted (lora_last_blocks, full_last_blocks:
+    frozen_prefix reads it from what trains); None where caching does not apply."""
+    frozen = frozen_prefix(model.extractor) if config.prefix_views else []
     if not frozen:
         return None
     cache = PrefixCache(
