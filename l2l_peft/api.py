@@ -70,13 +70,14 @@ class Fitted:
     loaded_at: float  # time.monotonic() when the backbone was loaded (training starts after it)
 
 
-def fit(data: TaskData, config: AdaptConfig, *, deadline: float | None = None) -> Fitted:
+def fit(data: TaskData, config: AdaptConfig, *, deadline: float | None = None, again: bool = False) -> Fitted:
     """Load the backbone, attach the method and a head, train on the support set (the frozen-feature
-    methods fit the head on the support features instead)."""
+    methods fit the head on the support features instead). `again`: a further member will load the same
+    backbone (load_backbone keeps its original instead of reading the files twice)."""
     config = config.concrete()
     accelerator = make_accelerator(config.precision, cpu=config.cpu)
     set_seed(config.seed)
-    extractor = load_backbone(config.model, config.cache_dir)
+    extractor = load_backbone(config.model, config.cache_dir, again=again)
     loaded = time.monotonic()
     objective = build_objective(data.target, data.classes, data.support_labels)
     model = build_classifier(extractor, objective, config).to(accelerator.device)
@@ -128,7 +129,8 @@ def run(task: Any, config: AdaptConfig | None = None, **overrides: Any) -> Adapt
         return result
 
     total, used, predict_s, loaded, last = None, [], 0.0, start, 0.0
-    for member in config.members():
+    members = config.members()
+    for i, member in enumerate(members):
         begun = time.monotonic()
         if used and deadline is not None and deadline - begun < ENSEMBLE_HEADROOM * last:
             logger.info(
@@ -138,7 +140,7 @@ def run(task: Any, config: AdaptConfig | None = None, **overrides: Any) -> Adapt
                 last,
             )
             break
-        fitted = fit(data, member, deadline=deadline)
+        fitted = fit(data, member, deadline=deadline, again=i + 1 < len(members))
         trained = time.monotonic()
         predicted = predict(
             fitted.model, fitted.objective, data.query_images, accelerator=fitted.accelerator,

@@ -42,7 +42,7 @@ def full_depth_fits(data: TaskData, config: AdaptConfig, deadline: float | None)
     LoRA run is estimated to fit in SHARE of the time left."""
     if config.methods != (Method.AUTO,) or config.lora_last_blocks is not None or not config.on_cpu or deadline is None:
         return False
-    extractor = load_backbone(config.model, config.cache_dir)  # cached: fit() gets a copy without reading again
+    extractor = load_backbone(config.model, config.cache_dir, again=True)  # fit() copies it, reading nothing
     per_image = seconds_per_image(extractor, data.support_images[:PROBE_IMAGES])
     batch, steps = plan(len(data.support_images), config)
     estimate = per_image * (STEP_COST * batch * steps + len(data.query_images))

@@ -244,6 +244,30 @@ def test_the_ensemble_averages_its_members(vit_dir):
     check_output(both.probabilities, TaskTarget.MULTICLASS_CLASSIFICATION, 9)
 
 
+def test_the_model_files_are_read_once_per_process(vit_dir, tmp_path, monkeypatch):
+    """An ensemble's second member, and fit() after the CPU budget's timing, copy the loaded original instead
+    of reading the model directory again; every member still starts from the pristine weights."""
+    import shutil
+
+    from l2l_peft import backbone, budget
+
+    reads = []
+    load_hf_model = backbone.load_hf_model
+    monkeypatch.setattr(backbone, "load_hf_model", lambda source: reads.append(source) or load_hf_model(source))
+    monkeypatch.setattr(budget, "seconds_per_image", lambda extractor, images: 1e-4)
+    task, _ = make_task(TaskTarget.MULTICLASS_CLASSIFICATION)
+    for case, options in (("ensemble", dict(method="lora+full")), ("budget", dict(cpu=True, time_budget=600))):
+        source = shutil.copytree(vit_dir, tmp_path / case)  # a source this process has not read yet
+        result = run(task, model=str(source), **{**FAST, **options})
+        assert len(reads) == 1, case
+        reads.clear()
+        if case == "ensemble":  # as if each member had its own process
+            assert result.methods == "lora+full"
+            lora = adapt(task, model=str(vit_dir), method="lora", **FAST)
+            full = adapt(task, model=str(vit_dir), method="full", **FAST)
+            torch.testing.assert_close(result.probabilities, (lora + full) / 2)
+
+
 def test_ensemble_member_skipped_without_time_for_it(vit_dir, monkeypatch, caplog):
     """With a budget, a further member runs only when the time left covers it: else the first alone."""
     task, _ = make_task(TaskTarget.BINARY_CLASSIFICATION)
