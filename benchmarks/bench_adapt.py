@@ -300,6 +300,10 @@ def plan(smoke: bool) -> tuple[list[tuple], list[tuple], list[tuple]]:
         ("reference L200", "vit-l16", 200, 500, Reference()),
     ]
     cli = [(f"cli {a} s50", a, 50, 500, []) for a in archs]
+    cli += [  # issue #27's 6-s CLI target: the two ways of cutting the second member's cost
+        ("cli S14 50: LoRA alone", "dinov2-s14", 50, 500, ["--method", "lora"]),
+        ("cli S14 50: full member on the last 6 blocks", "dinov2-s14", 50, 500, ["--full-last-blocks", "6"]),
+    ]
     return adapt, ref, cli
 
 

@@ -34,13 +34,19 @@ Candidate = Callable[[Record], torch.Tensor]
 
 
 def load(dirs: list[Path]) -> list[Record]:
-    """Records of every study file; runs of the same task from several passes are merged."""
+    """Records of every study file; runs of the same task from several passes are merged.
+
+    Passes pair by task key; one whose task has other labels under that key (a changed sampler or
+    dataset) is refused, not paired."""
     by_key: dict[str, Record] = {}
     for d in dirs:
         for path in sorted(d.glob("**/study_*.pt")):
             for record in torch.load(path, weights_only=False):
                 merged = by_key.setdefault(record["key"], record)
                 if merged is not record:  # another process's recipes (or backbone) on the same task
+                    for labels in ("support_labels", "query_labels"):
+                        if not torch.equal(torch.as_tensor(merged[labels]), torch.as_tensor(record[labels])):
+                            raise ValueError(f"{path}: task {record['key']} has other {labels} than an earlier pass")
                     merged["runs"].update(record["runs"])
                     for name, value in record.items():
                         merged.setdefault(name, value)

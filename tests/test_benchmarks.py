@@ -149,6 +149,25 @@ def test_recipe_study_and_analysis_run_end_to_end(tmp_path, vit_dir):
     assert "| lora_tim |" in proc.stdout
 
 
+def test_recipe_analysis_pairs_passes_only_on_the_same_task(tmp_path):
+    """Runs of one task key from two passes merge; a pass whose task has other labels is refused."""
+    import torch
+    from recipe_analysis import load
+
+    def record(query_labels: list[int], run: str) -> dict:
+        runs = {run: {"probs": torch.full((len(query_labels), 2), 0.5)}}
+        return {"key": "d/native/1-shot/0", "runs": runs, "support_labels": torch.tensor([0, 1]),
+                "query_labels": torch.tensor(query_labels)}  # fmt: skip
+
+    for name, labels, run in (("a", [0, 1], "lora"), ("b", [0, 1], "h_full"), ("c", [1, 0], "h_full_last6")):
+        (tmp_path / name).mkdir()
+        torch.save([record(labels, run)], tmp_path / name / "study_0000_0001.pt")
+    (merged,) = load([tmp_path / "a", tmp_path / "b"])
+    assert set(merged["runs"]) == {"lora", "h_full"}
+    with pytest.raises(ValueError, match="other query_labels"):
+        load([tmp_path / "a", tmp_path / "c"])
+
+
 def test_layer_features_pairs_every_layer_set_with_the_last_layer(tmp_path, vit_dir):
     """Probes on each layer set of a tiny ViT, per task of a test split, tabled against the last layer."""
     data = tmp_path / "data"
