@@ -66,6 +66,18 @@ def test_trace_ops_names_fp32_matmuls_and_their_caller(tmp_path):
     assert "fp32 mm (5, 8)float32 x (8, 64)float32 @ l2l_peft/head.py" in proc.stdout  # on the CPU every matmul is fp32
 
 
+def test_member_streams_probe_runs_each_case(tmp_path):
+    """Sequential and threaded members give well-formed probabilities (on the CPU without streams)."""
+    args = ["--arch", "tiny", "--support", "10", "--query", "12", "--steps", "2", "--method", "lora+full"]
+    proc = run_script("benchmarks/probes/member_streams_probe.py", *args, "--repeats", "1", "--models", str(tmp_path),
+                      timeout=300)  # fmt: skip
+    lines = [line for line in proc.stdout.splitlines() if "median" in line]
+    assert [line.split(":")[0] for line in lines] == [
+        "sequential", "threads, capture global", "threads, capture thread_local"
+    ]  # fmt: skip
+    assert "max |p - sequential| 0.0000" in lines[0] and all("fell back 0x" in line for line in lines)
+
+
 @pytest.mark.parametrize("probe", ["attention_probe", "compile_probe", "profile_step"])
 def test_gpu_probes_start_from_the_repository_root(probe):
     """The probes import common.py (and each other) by bare name: each must find them from the root."""
