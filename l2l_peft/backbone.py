@@ -175,12 +175,11 @@ _requested: set[ModelSource] = set()
 def load_backbone(model: str | None = None, cache_dir: str | None = None, *, again: bool = False) -> FeatureExtractor:
     """A fresh, frozen backbone that the caller may modify (adapters are injected in place).
 
-    A source is read from disk once: the loaded original stays cached (the two most recent sources) and
-    requests get copies of it. Only a source's first request without `again` gets the loaded model itself,
-    so one task per process (the CLI, one member) pays no copy (ViT-B: 1 s on 2 CPU cores). Pass `again`
-    when this process will ask for the source once more (an ensemble's next member, the CPU budget's
-    timing): the next request then copies instead of reading the files again (DINOv2-S on 2 CPU cores:
-    0.05-0.07 s against 0.24-0.38 s). A task loop over one backbone reads it from disk twice.
+    Requests after a source's first get copies of its cached original (the two most recent sources). The
+    first request gets the loaded model itself, so one task per process (the CLI, one member) pays no copy
+    (ViT-B: 1 s on 2 CPU cores), unless `again` says this process will ask once more (an ensemble's next
+    member, fit() after the CPU budget's timing): then it is a copy too and the next request reads nothing
+    (DINOv2-S on 2 CPU cores: 0.05-0.07 s instead of 0.24-0.38 s). A task loop without `again` reads twice.
     """
     source = resolve_model(model, cache_dir)
     first = source not in _requested
