@@ -73,7 +73,7 @@ def test_member_streams_probe_runs_each_case(tmp_path):
                       timeout=300)  # fmt: skip
     lines = [line for line in proc.stdout.splitlines() if "median" in line]
     assert [line.split(":")[0] for line in lines] == [
-        "sequential", "threads, capture global", "threads, capture thread_local"
+        "sequential", "threads, capture thread_local", "threads, capture global"
     ]  # fmt: skip
     assert "max |p - sequential| 0.0000" in lines[0] and all("fell back 0x" in line for line in lines)
 
