@@ -40,7 +40,7 @@ EOF
       python3 "$pack/pack224.py" unpack "$pack" "$root/data" >/dev/null || exit 1
     done
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-    ls "$root/data"
+    ls "$root/data" 2>/dev/null || echo "no data packs yet"
     ;;
   start)
     tag=$1 datasets=$2; shift 2 || exit 2
