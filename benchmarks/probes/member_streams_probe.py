@@ -10,6 +10,8 @@ stream of its own, with graph capture in either error mode (`global`, torch's de
 unsafe calls during a capture; `thread_local` only the capturing thread's). Reported per case: the median wall
 time, how many graph captures fell back to eager, and how far the probabilities are from the sequential ones
 (dropout draws interleave across threads, so they differ; by how much says whether the answer is the same).
+Run 11 (one H100, results/benchmarks/bench_adapt.md): both threaded cases break during graph capture, so the
+members stay sequential.
 """
 
 from __future__ import annotations
