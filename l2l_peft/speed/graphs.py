@@ -24,6 +24,7 @@ Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Measured on an H100 (results/benchmarks): graphs pay at batch 32 (ViT-B 875 -> 1,129 img/s) but
 # replays ran slower than eager at batch 128 (2,458 -> 1,284 img/s), so larger batches stay eager.
 GRAPH_MAX_BATCH = 64
+WARMUP_STEPS = 3  # eager steps before the capture: they initialise the optimizer state and library workspaces
 
 
 class EagerStep:
@@ -40,7 +41,7 @@ class EagerStep:
 class GraphedStep(EagerStep):
     """Eager warm-up, one capture, then replays. The returned loss is overwritten by the next call."""
 
-    def __init__(self, step: Step, optimizer: torch.optim.Optimizer, warmup: int = 3) -> None:
+    def __init__(self, step: Step, optimizer: torch.optim.Optimizer, warmup: int = WARMUP_STEPS) -> None:
         super().__init__(step, optimizer)
         self.warmup, self.calls = warmup, 0
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -98,4 +99,4 @@ def use_graphs(enabled: bool, accelerator: Accelerator, batch: int) -> bool:
 
 
 def step_runner(step: Step, optimizer: torch.optim.Optimizer, *, graphed: bool) -> EagerStep:
-    return GraphedStep(step, optimizer) if graphed else EagerStep(step, optimizer)
+    return GraphedStep(step, optimizer, WARMUP_STEPS) if graphed else EagerStep(step, optimizer)
