@@ -10,7 +10,7 @@ import torch
 from conftest import make_task
 from torchcross.data.task import TaskTarget
 
-from l2l_peft import run
+from l2l_peft import api, run
 from l2l_peft.adapters import blocks
 from l2l_peft.api import build_classifier
 from l2l_peft.backbone import load_backbone
@@ -118,22 +118,45 @@ def test_bf16_stream_trains_every_method(vit_dir):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("target", [TaskTarget.MULTICLASS_CLASSIFICATION, TaskTarget.BINARY_CLASSIFICATION])
+@pytest.mark.parametrize("method", ["lora", "full"])
 @pytest.mark.parametrize("last_blocks", [None, 1])
-def test_cuda_graph_trains_like_eager(vit_dir, target, last_blocks):
+def test_cuda_graph_trains_like_eager(vit_dir, target, method, last_blocks):
     task, _ = make_task(target)
     common = dict(
-        method="lora",
+        method=method,
         max_steps=12,
         min_steps=12,
         augment=False,
         lora_dropout=0.0,
-        lora_last_blocks=last_blocks,
         precision="bf16",
+        **{f"{method}_last_blocks": last_blocks},
     )
     graphed = run(task, model=str(vit_dir), cuda_graphs=True, **common)
     eager = run(task, model=str(vit_dir), cuda_graphs=False, **common)
     assert graphed.train.final_loss == pytest.approx(eager.train.final_loss, rel=2e-2, abs=1e-3)
     torch.testing.assert_close(graphed.probabilities, eager.probabilities, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_an_ensemble_copies_the_task_images_to_the_gpu_once(vit_dir, monkeypatch):
+    """The members of an ensemble train and predict on images already on the GPU, with the same answer."""
+    task, _ = make_task(TaskTarget.MULTICLASS_CLASSIFICATION)
+    options = dict(method="lora+full", max_steps=6, min_steps=6, augment=False, lora_dropout=0.0, cuda_graphs=False)
+    placed = []
+    resident = api.resident
+    monkeypatch.setattr(api, "resident", lambda data, device: placed.append(resident(data, device)) or placed[-1])
+    on_gpu = run(task, model=str(vit_dir), **options)
+    assert placed[0].support_images.is_cuda and placed[0].query_images.is_cuda
+    monkeypatch.setattr(api, "resident", lambda data, device: data)
+    on_host = run(task, model=str(vit_dir), **options)
+    torch.testing.assert_close(on_gpu.probabilities, on_host.probabilities, rtol=1e-3, atol=1e-3)
+
+
+def test_task_images_stay_on_the_host_where_they_would_crowd_the_gpu(monkeypatch):
+    data = load_task(make_task(TaskTarget.BINARY_CLASSIFICATION)[0])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (data.query_images.numel(), 10**12))
+    assert api.resident(data, torch.device("cuda")) is data
+    assert api.resident(data, torch.device("cpu")) is data
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

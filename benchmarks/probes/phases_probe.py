@@ -8,7 +8,7 @@ api.run (backbone copy, method, bf16 cast, prototype head, frozen-prefix cache, 
 warm-up steps, the graph capture, the replays, prediction) is timed between device synchronisations; the
 per-step synchronisation costs little once steps replay a graph. Reported per member after a warm-up run, with
 the uninstrumented wall time of the same call beside it; `--warmup 3 1` compares eager warm-up steps
-before the capture.
+before the capture, `--host-images` the copy of the task's images to the GPU per member (before api.resident).
 """
 
 from __future__ import annotations
@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, nargs="+", default=[graphs.WARMUP_STEPS],
                         help="eager steps before the graph capture, one case each")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--host-images", action="store_true", help="each member copies the task's images to the GPU")
     parser.add_argument("--models", type=Path, default=Path("/tmp/bench_models"))
     args = parser.parse_args()
     size = 32 if args.arch == "tiny" else 224
@@ -122,6 +123,8 @@ def main() -> None:
     data = load_task(make_task(args.support, args.query, size))
     steps = {} if args.steps is None else dict(max_steps=args.steps, min_steps=args.steps)
     config = AdaptConfig(model=str(model), method=args.method, full_last_blocks=args.full_last_blocks, **steps)
+    if args.host_images:
+        mock.patch.object(api, "resident", lambda data, device: data).start()
     api.run(data, config)  # warm-up: CUDA context, kernels, the cached pristine backbone
     for warmup in args.warmup:
         with mock.patch.object(graphs, "WARMUP_STEPS", warmup):

@@ -23,6 +23,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--models", type=Path, default=Path("/tmp/bench_models"))
     parser.add_argument("--top", type=int, default=10)
+    parser.add_argument(
+        "--method", default="auto", help="what trains (auto: the device's default, an ensemble on a GPU)"
+    )
     args = parser.parse_args()
     model_dir = str(save_model(args.arch, args.models, 224))
     api.run(load_task(make_task(10, 10, 224)), model=model_dir, max_steps=2, min_steps=2)  # warm-up
@@ -31,7 +34,12 @@ def main() -> None:
         for graphs in (False, True):
             fresh_accelerate()
             options = dict(
-                model=model_dir, batch_size=batch, max_steps=args.steps, min_steps=args.steps, cuda_graphs=graphs
+                model=model_dir,
+                method=args.method,
+                batch_size=batch,
+                max_steps=args.steps,
+                min_steps=args.steps,
+                cuda_graphs=graphs,
             )
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 result = api.run(data, **options)

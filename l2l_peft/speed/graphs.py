@@ -3,7 +3,7 @@
 At few-shot batch sizes one ViT step is a few milliseconds of GPU work behind a couple of
 thousand kernel launches issued from Python (peft wrappers, autocast, autograd); replaying a
 captured graph issues them in one call. Shapes are static because train.plan() uses full batches
-only. The first `warmup` steps run eagerly on a side stream (real steps: they initialise the
+only. The first WARMUP_STEPS steps run eagerly on a side stream (real steps: they initialise the
 optimizer state and library workspaces), the next one is captured, then every step is
 copy-inputs + replay. The optimizer must be built with capturable=True and tensor learning rates,
 so the scheduler's in-place updates reach the replayed graph. `step_runner` picks the graphed or
@@ -24,7 +24,9 @@ Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Measured on an H100 (results/benchmarks): graphs pay at batch 32 (ViT-B 875 -> 1,129 img/s) but
 # replays ran slower than eager at batch 128 (2,458 -> 1,284 img/s), so larger batches stay eager.
 GRAPH_MAX_BATCH = 64
-WARMUP_STEPS = 3  # eager steps before the capture: they initialise the optimizer state and library workspaces
+# Eager steps before the capture: the first initialises the optimizer state and library workspaces. One is enough
+# (tests/test_speed_paths.py), and each costs about 4 replays (H100, 2026-12-07, benchmarks/probes/phases_probe.py).
+WARMUP_STEPS = 1
 
 
 class EagerStep:
