@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -160,12 +162,52 @@ def _load(source: ModelSource) -> FeatureExtractor:
     model, prep = load_hf_model(source)
     use_flash_attention(model)
     try:
-        extractor = FeatureExtractor(model, prep)
+        with _resampled_position_tables(model) as tables:  # the prefix-token probe's forward pass fills it
+            extractor = FeatureExtractor(model, prep)
     except (TypeError, ValueError, RuntimeError) as err:
         message = f"model `{source.name}` does not run with its preprocessor_config.json ({_describe(err)})"
         raise BackboneError(message) from err
+    _store_at_input_size(tables)
     extractor.requires_grad_(False)
     return extractor
+
+
+@contextmanager
+def _resampled_position_tables(model: nn.Module) -> Iterator[dict[nn.Module, tuple[torch.Tensor, int, int]]]:
+    """Records what each embeddings module's `interpolate_pos_encoding` returns, with the image height and width."""
+    tables: dict[nn.Module, tuple[torch.Tensor, int, int]] = {}
+    modules = [
+        m
+        for m in model.modules()
+        if isinstance(getattr(m, "position_embeddings", None), nn.Parameter) and hasattr(m, "interpolate_pos_encoding")
+    ]
+    for module in modules:
+
+        def record(embeddings: torch.Tensor, height: int, width: int, _module: nn.Module = module) -> torch.Tensor:
+            table = type(_module).interpolate_pos_encoding(_module, embeddings, height, width)
+            tables[_module] = (table, height, width)
+            return table
+
+        module.interpolate_pos_encoding = record  # an instance attribute over the class's method
+    try:
+        yield tables
+    finally:
+        for module in modules:
+            del module.interpolate_pos_encoding
+
+
+def _store_at_input_size(tables: dict[nn.Module, tuple[torch.Tensor, int, int]]) -> None:
+    """Keeps a position table at the input size where the family resamples it on every forward pass.
+
+    DINOv2 stores 37 x 37 positions (518 px) and, run at 224 px, resamples them bicubically to 16 x 16 in every
+    forward pass: 6 % of a full fine-tuning step's GPU time and 2.5 % more for its backward (one H100,
+    `benchmarks/probes/profile_step.py`, 2026-12-07). Stored as the family's own resampling of it, the table takes
+    the family's no-resampling path instead (same size, square input), with the same values: a frozen table gives the
+    same features, and method full trains the positions the model uses. Adaptation always runs at the input size.
+    """
+    for module, (table, height, width) in tables.items():
+        if height == width and table.shape != module.position_embeddings.shape:
+            module.position_embeddings = nn.Parameter(table.detach().clone(), requires_grad=False)
 
 
 _load_pristine = lru_cache(maxsize=2)(_load)

@@ -162,7 +162,7 @@ def test_task_images_stay_on_the_host_where_they_would_crowd_the_gpu(monkeypatch
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_failed_capture_falls_back_to_eager_steps_with_dropout():
     """A step that cannot be captured (here: a host sync) trains on eagerly, dropout's RNG included."""
-    from l2l_peft.speed.graphs import GraphedStep
+    from l2l_peft.speed.graphs import WARMUP_STEPS, GraphedStep
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 1)).cuda()
@@ -172,7 +172,7 @@ def test_failed_capture_falls_back_to_eager_steps_with_dropout():
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         calls["n"] += 1
         loss = torch.nn.functional.mse_loss(model(x)[:, 0], y)
-        if calls["n"] == 4:  # the capture: a host sync is not allowed there
+        if calls["n"] == WARMUP_STEPS + 1:  # the capture: a host sync is not allowed there
             loss.item()
         loss.backward()
         optimizer.step()
