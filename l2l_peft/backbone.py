@@ -108,6 +108,7 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.hidden_size = int(model.config.hidden_size)
+        self.stored_parameters = sum(p.numel() for p in model.parameters())  # the checkpoint's (the manifest's)
         self.feature_dim = 2 * self.hidden_size
         self.num_prefix_tokens = self._count_prefix_tokens()
 
@@ -237,4 +238,4 @@ def probe(directory: str | Path) -> Probe:
     features = extractor(torch.zeros(1, 3, extractor.input_size, extractor.input_size))
     if features.shape != (1, extractor.feature_dim) or not bool(torch.isfinite(features).all()):
         raise BackboneError(f"{directory}: features of shape {tuple(features.shape)} are not finite vectors")
-    return Probe(sum(p.numel() for p in extractor.parameters()), extractor.feature_dim)
+    return Probe(extractor.stored_parameters, extractor.feature_dim)

@@ -43,6 +43,7 @@ def test_a_position_table_resampled_every_pass_is_stored_at_the_input_size(tmp_p
     as_saved = FeatureExtractor(Dinov2Model.from_pretrained(tmp_path), prep).eval()
     assert as_saved.model.embeddings.position_embeddings.shape == (1, 1 + 8 * 8, 32)
     assert extractor.model.embeddings.position_embeddings.shape == (1, 1 + 4 * 4, 32)
+    assert extractor.stored_parameters == sum(p.numel() for p in as_saved.parameters())  # what the manifest records
     resampled = []
     interpolate = torch.nn.functional.interpolate
     monkeypatch.setattr(torch.nn.functional, "interpolate", lambda *a, **k: resampled.append(k) or interpolate(*a, **k))
