@@ -7,11 +7,13 @@ Every script runs from the repository root (`python benchmarks/bench_adapt.py`,
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -23,7 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchcross.data.task import Task, TaskDescription, TaskTarget
 
 from l2l_peft import api
-from l2l_peft.task import challenge_task
+from l2l_peft.config import AdaptConfig
+from l2l_peft.task import TaskData, challenge_task, load_task
 
 ARCHS = {  # hidden, layers, heads, MLP
     "vit-s16": (384, 12, 6, 1536),
@@ -108,3 +111,22 @@ def step_flops(data, model_dir: Path, overrides: dict) -> float:
             )
         counts.append(counter.get_total_flops())
     return counts[1] - counts[0]
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The probes' one adapt() call: architecture (random weights), task size, method, steps, model folder."""
+    parser.add_argument("--arch", default="dinov2-s14")
+    parser.add_argument("--support", type=int, default=50)
+    parser.add_argument("--query", type=int, default=500)
+    parser.add_argument("--method", default="auto", help="the ensemble (auto: the device's default)")
+    parser.add_argument("--steps", type=int, default=None, help="max_steps (default: the recipe's)")
+    parser.add_argument("--models", type=Path, default=Path("/tmp/bench_models"))
+
+
+def run_setup(args: argparse.Namespace, **overrides: Any) -> tuple[TaskData, AdaptConfig]:
+    """The task and config of add_run_arguments' call: a saved random-weight model and a synthetic task."""
+    size = 32 if args.arch == "tiny" else 224
+    model = save_model(args.arch, args.models, size)
+    steps = {} if args.steps is None else dict(max_steps=args.steps, min_steps=args.steps)
+    config = AdaptConfig(model=str(model), method=args.method, **steps, **overrides)
+    return load_task(make_task(args.support, args.query, size)), config

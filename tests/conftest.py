@@ -75,6 +75,22 @@ def vit_dir(model_dirs) -> Path:
     return model_dirs["vit"]
 
 
+DINOV2_PREP = {"crop_size": {"height": 32, "width": 32}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+
+
+@pytest.fixture
+def dinov2_trained_larger(tmp_path) -> Path:
+    """A tiny DINOv2 trained at 64 px (8 x 8 positions) and run at 32 (4 x 4), as the shipped one is at 518 and 224.
+
+    Function-scoped: tests that change how it loads must not leave a cached copy to another test."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(**{**TINY, "image_size": 64})).save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(DINOV2_PREP))
+    return tmp_path
+
+
 @pytest.fixture
 def sdpa_calls(monkeypatch) -> list[tuple[bool, bool]]:
     """(gradients on, cuDNN kernel allowed) of every SDPA call while the fixture is active."""

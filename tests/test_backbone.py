@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import DINOV2_PREP
 
 from l2l_peft import BackboneError
 from l2l_peft.backbone import load_backbone
@@ -26,21 +27,15 @@ def test_prefix_tokens_are_counted(model_dirs):
     assert counts == {"vit": 1, "dinov2": 1, "clip": 1, "siglip": 0, "deit": 2, "swin": 0}
 
 
-def test_a_position_table_resampled_every_pass_is_stored_at_the_input_size(tmp_path, monkeypatch):
+def test_a_position_table_resampled_every_pass_is_stored_at_the_input_size(dinov2_trained_larger, monkeypatch):
     """DINOv2 trained at one size and run at another (518 and 224 px as shipped) resamples its positions in every
     forward pass; loaded for adaptation it keeps them at the input size: the same features, no resampling."""
-    from transformers import Dinov2Config, Dinov2Model
+    from transformers import Dinov2Model
 
     from l2l_peft.backbone import FeatureExtractor
 
-    torch.manual_seed(0)
-    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                          image_size=64, patch_size=8)  # fmt: skip
-    Dinov2Model(config).save_pretrained(tmp_path)
-    prep = {"crop_size": {"height": 32, "width": 32}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(prep))
-    extractor = load_backbone(str(tmp_path)).eval()
-    as_saved = FeatureExtractor(Dinov2Model.from_pretrained(tmp_path), prep).eval()
+    extractor = load_backbone(str(dinov2_trained_larger)).eval()
+    as_saved = FeatureExtractor(Dinov2Model.from_pretrained(dinov2_trained_larger), DINOV2_PREP).eval()
     assert as_saved.model.embeddings.position_embeddings.shape == (1, 1 + 8 * 8, 32)
     assert extractor.model.embeddings.position_embeddings.shape == (1, 1 + 4 * 4, 32)
     assert extractor.stored_parameters == sum(p.numel() for p in as_saved.parameters())  # what the manifest records

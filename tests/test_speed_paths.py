@@ -263,26 +263,18 @@ def test_when_training_steps_are_graphed(enabled, device, precision, batch, expe
     assert use_graphs(enabled, accelerator, batch) is expected
 
 
-def test_full_training_with_the_position_table_at_the_input_size_matches_resampling_it(tmp_path, monkeypatch):
+def test_full_training_with_the_position_table_at_the_input_size_matches_resampling_it(
+    dinov2_trained_larger, monkeypatch
+):
     """DINOv2 run below its trained size: method full trains the stored table at the input size instead of
     resampling the trained one in every pass; the answers agree (the embeddings train at lr_full * decay^(L+1))."""
-    import json
-
-    from transformers import Dinov2Config, Dinov2Model
-
     from l2l_peft import backbone
 
-    torch.manual_seed(0)
-    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                          image_size=64, patch_size=8)  # fmt: skip
-    Dinov2Model(config).save_pretrained(tmp_path)
-    prep = {"crop_size": {"height": 32, "width": 32}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(prep))
     task, _ = make_task(TaskTarget.MULTICLASS_CLASSIFICATION)
     options = dict(method="full", cpu=True, max_steps=10, min_steps=10)
-    stored = run(task, model=str(tmp_path), **options)
+    stored = run(task, model=str(dinov2_trained_larger), **options)
     backbone._load_pristine.cache_clear()
     monkeypatch.setattr(backbone, "_store_at_input_size", lambda tables: None)
-    resampled = run(task, model=str(tmp_path), **options)
+    resampled = run(task, model=str(dinov2_trained_larger), **options)
     assert stored.trainable_parameters < resampled.trainable_parameters  # 1 + 4 * 4 positions instead of 1 + 8 * 8
     torch.testing.assert_close(stored.probabilities, resampled.probabilities, rtol=0, atol=1e-3)

@@ -23,17 +23,16 @@ import logging
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from unittest import mock
 
 import _paths  # noqa: F401
 import torch
-from common import make_task, save_model, sync
+from common import add_run_arguments, run_setup, sync
 
 from l2l_peft import api
 from l2l_peft.config import AdaptConfig
 from l2l_peft.predict import predict
-from l2l_peft.task import TaskData, load_task
+from l2l_peft.task import TaskData
 
 
 class Fallbacks(logging.Handler):
@@ -70,19 +69,11 @@ def concurrent(data: TaskData, config: AdaptConfig) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="dinov2-s14")
-    parser.add_argument("--support", type=int, default=50)
-    parser.add_argument("--query", type=int, default=500)
-    parser.add_argument("--method", default="auto", help="the ensemble (auto: the device's default)")
-    parser.add_argument("--steps", type=int, default=None, help="max_steps (default: the recipe's)")
+    add_run_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--models", type=Path, default=Path("/tmp/bench_models"))
     args = parser.parse_args()
-    size = 32 if args.arch == "tiny" else 224
-    model = save_model(args.arch, args.models, size)
-    data = load_task(make_task(args.support, args.query, size))
-    steps = {} if args.steps is None else dict(max_steps=args.steps, min_steps=args.steps)
-    config = AdaptConfig(model=str(model), method=args.method, **steps).concrete()
+    data, config = run_setup(args)
+    config = config.concrete()
     fallbacks = Fallbacks()
     logging.getLogger("l2l_peft.speed.graphs").addHandler(fallbacks)
     graph = torch.cuda.graph

@@ -19,17 +19,14 @@ import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from unittest import mock
 
 import _paths  # noqa: F401
 import torch
-from common import make_task, save_model, sync
+from common import add_run_arguments, run_setup, sync
 
 from l2l_peft import api, train
-from l2l_peft.config import AdaptConfig
 from l2l_peft.speed import graphs
-from l2l_peft.task import load_task
 
 PHASES = {  # module, name -> phase
     (api, "load_backbone"): "backbone copy",
@@ -106,23 +103,14 @@ def report(clock: Clock, methods: list[str], warmup: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="dinov2-s14")
-    parser.add_argument("--support", type=int, default=50)
-    parser.add_argument("--query", type=int, default=500)
-    parser.add_argument("--method", default="auto", help="the ensemble (auto: the device's default)")
+    add_run_arguments(parser)
     parser.add_argument("--full-last-blocks", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None, help="max_steps (default: the recipe's)")
     parser.add_argument("--warmup", type=int, nargs="+", default=[graphs.WARMUP_STEPS],
                         help="eager steps before the graph capture, one case each")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--host-images", action="store_true", help="each member copies the task's images to the GPU")
-    parser.add_argument("--models", type=Path, default=Path("/tmp/bench_models"))
     args = parser.parse_args()
-    size = 32 if args.arch == "tiny" else 224
-    model = save_model(args.arch, args.models, size)
-    data = load_task(make_task(args.support, args.query, size))
-    steps = {} if args.steps is None else dict(max_steps=args.steps, min_steps=args.steps)
-    config = AdaptConfig(model=str(model), method=args.method, full_last_blocks=args.full_last_blocks, **steps)
+    data, config = run_setup(args, full_last_blocks=args.full_last_blocks)
     if args.host_images:
         mock.patch.object(api, "resident", lambda data, device: data).start()
     api.run(data, config)  # warm-up: CUDA context, kernels, the cached pristine backbone
