@@ -78,6 +78,16 @@ def test_member_streams_probe_runs_each_case(tmp_path):
     assert "max |p - sequential| 0.0000" in lines[0] and all("fell back 0x" in line for line in lines)
 
 
+def test_phases_probe_gives_every_member_its_phases_and_steps(tmp_path):
+    """Each member of the ensemble gets its own phases and all of its training steps (on the CPU all eager)."""
+    args = ["--arch", "tiny", "--support", "10", "--query", "12", "--steps", "4", "--method", "lora+full"]
+    proc = run_script("benchmarks/probes/phases_probe.py", *args, "--repeats", "1", "--models", str(tmp_path),
+                      timeout=300)  # fmt: skip
+    members = [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("member")]
+    assert members == ["member 0 (lora)", "member 1 (full)"]
+    assert proc.stdout.count("4 eager steps:") == 2 and proc.stdout.count("predict:") == 2
+
+
 @pytest.mark.parametrize("probe", ["attention_probe", "compile_probe", "profile_step"])
 def test_gpu_probes_start_from_the_repository_root(probe):
     """The probes import common.py (and each other) by bare name: each must find them from the root."""
